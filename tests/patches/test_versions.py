@@ -1,0 +1,28 @@
+"""Each patch refuses to touch a vLLM release it was not written for."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_infinigen.patches import _version, cpu_backend_selection, platform_config
+
+
+@pytest.mark.parametrize("patch", [cpu_backend_selection, platform_config])
+def test_patch_refuses_unknown_vllm(
+    monkeypatch: pytest.MonkeyPatch, patch: object
+) -> None:
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.31.9")
+    with pytest.raises(_version.UnsupportedVllmVersion) as info:
+        patch.apply()  # type: ignore[attr-defined]
+    message = str(info.value)
+    assert "0.31.9" in message
+    assert patch.TOUCHES in message  # type: ignore[attr-defined]
+
+
+def test_patches_apply_once() -> None:
+    cpu_backend_selection.apply()
+    platform_config.apply()
+    assert cpu_backend_selection.apply() is False
+    assert platform_config.apply() is False

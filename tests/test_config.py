@@ -1,0 +1,123 @@
+"""InfiniGenConfig: every option accepts good values and names itself on bad."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from vllm_infinigen.config import InfiniGenConfig
+
+GOOD: list[tuple[str, Any]] = [
+    ("budget", 1.0),
+    ("budget", 0.05),
+    ("max_blocks", 8),
+    ("max_blocks", None),
+    ("alpha", 4),
+    ("alpha", 0.5),
+    ("partial_ratio", 0.3),
+    ("partial_ratio", 1.0),
+    ("sink_blocks", 0),
+    ("sink_blocks", 2),
+    ("recent_blocks", 1),
+    ("recent_blocks", 3),
+    ("dense_layers", [0, 23]),
+    ("dense_layers", []),
+    ("host_pool_gib", 8),
+    ("host_pool_gib", None),
+    ("policy", "infinigen"),
+    ("calibration_file", "/tmp/calib.txt"),
+]
+
+BAD: list[tuple[str, Any]] = [
+    ("budget", 0),
+    ("budget", 1.5),
+    ("budget", -0.1),
+    ("budget", "half"),
+    ("budget", float("nan")),
+    ("max_blocks", 0),
+    ("max_blocks", 2.5),
+    ("alpha", 0),
+    ("alpha", -1),
+    ("alpha", float("inf")),
+    ("alpha", True),
+    ("partial_ratio", 0),
+    ("partial_ratio", 1.01),
+    ("sink_blocks", -1),
+    ("sink_blocks", 1.0),
+    ("recent_blocks", 0),
+    ("dense_layers", [-1]),
+    ("dense_layers", "0"),
+    ("dense_layers", [0.5]),
+    ("host_pool_gib", 0),
+    ("host_pool_gib", -2),
+    ("policy", "h2o-please"),
+    ("calibration_file", ""),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), GOOD)
+def test_good_value_accepted(name: str, value: Any) -> None:
+    config = InfiniGenConfig.from_dict({name: value})
+    expected = tuple(value) if isinstance(value, list) else value
+    assert getattr(config, name) == expected
+
+
+@pytest.mark.parametrize(("name", "value"), BAD)
+def test_bad_value_names_option(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        InfiniGenConfig.from_dict({name: value})
+
+
+def test_every_option_is_covered_by_good_and_bad_cases() -> None:
+    names = set(InfiniGenConfig.option_names())
+    assert {n for n, _ in GOOD} == names
+    assert {n for n, _ in BAD} == names
+
+
+def test_unknown_key_lists_known_options() -> None:
+    with pytest.raises(ValueError) as info:
+        InfiniGenConfig.from_dict({"budgte": 0.2})
+    message = str(info.value)
+    assert "budgte" in message
+    for name in InfiniGenConfig.option_names():
+        assert name in message
+
+
+def test_dashes_accepted_and_defaults_kept() -> None:
+    config = InfiniGenConfig.from_dict({"partial-ratio": 0.25})
+    assert config.partial_ratio == 0.25
+    assert config.budget == InfiniGenConfig().budget
+
+
+def test_from_additional_config() -> None:
+    assert InfiniGenConfig.from_additional_config({}) == InfiniGenConfig()
+    assert InfiniGenConfig.from_additional_config(None) == InfiniGenConfig()
+    config = InfiniGenConfig.from_additional_config(
+        {"other_plugin": 1, "infinigen": {"alpha": 3}}
+    )
+    assert config.alpha == 3
+    with pytest.raises(ValueError, match="JSON object"):
+        InfiniGenConfig.from_additional_config({"infinigen": [1, 2]})
+
+
+def test_frozen_and_exactness() -> None:
+    config = InfiniGenConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.budget = 1.0  # type: ignore[misc]
+    assert InfiniGenConfig(budget=1.0).is_exact
+    assert not InfiniGenConfig(budget=1.0, max_blocks=4).is_exact
+    assert not InfiniGenConfig(budget=0.5).is_exact
+
+
+def test_check_model_layer_range() -> None:
+    InfiniGenConfig(dense_layers=(0, 23)).check_model(24)
+    with pytest.raises(ValueError, match=r"'dense_layers'.*0\.\.23"):
+        InfiniGenConfig(dense_layers=(0, 24)).check_model(24)
+
+
+def test_describe_lists_every_option() -> None:
+    line = InfiniGenConfig().describe()
+    for name in InfiniGenConfig.option_names():
+        assert f"{name}=" in line

@@ -1,0 +1,1 @@
+"""vLLM glue of the INFINIGEN backend (imports vLLM; loaded by vLLM itself)."""

@@ -1,0 +1,88 @@
+"""Validate INFINIGEN options and force eager mode when the backend is chosen.
+
+Touches: ``check_and_update_config`` of the current platform class
+(``vllm.platforms.cpu.CpuPlatform`` or the CUDA platform, vLLM 0.32), which
+``VllmConfig.__post_init__`` calls once the whole configuration is known. The
+wrapper runs the original first; then, when ``--attention-backend infinigen``
+is selected, it validates ``--additional-config '{"infinigen": {...}}'``
+(a ``ValueError`` naming the option stops start-up in the API server, before
+any engine process starts) and turns compilation and CUDA graphs off, like
+``--enforce-eager``: the backend's per-layer speculation hooks run Python
+between layers, which a traced graph would bake in.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm_infinigen.config import ADDITIONAL_CONFIG_KEY, InfiniGenConfig
+from vllm_infinigen.patches._version import require_vllm
+
+PATCH_NAME = "platform_config"
+TOUCHES = "vllm.platforms.<current>.check_and_update_config"
+_MARK = "_vllm_infinigen_patched"
+
+
+def infinigen_selected(vllm_config: Any) -> bool:
+    attention_config = getattr(vllm_config, "attention_config", None)
+    backend = getattr(attention_config, "backend", None)
+    return getattr(backend, "name", None) == "INFINIGEN"
+
+
+def _force_eager(vllm_config: Any) -> None:
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    model_config = vllm_config.model_config
+    if model_config is not None:
+        model_config.enforce_eager = True
+    compilation = vllm_config.compilation_config
+    compilation.mode = CompilationMode.NONE
+    compilation.cudagraph_mode = CUDAGraphMode.NONE
+    compilation.max_cudagraph_capture_size = 0
+    compilation.cudagraph_capture_sizes = []
+
+
+def validate(vllm_config: Any) -> InfiniGenConfig:
+    """Parse and validate our options against the model. Raises ValueError."""
+    config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
+    model_config = vllm_config.model_config
+    if model_config is not None:
+        text_config = model_config.hf_text_config
+        num_layers = int(getattr(text_config, "num_hidden_layers", 0) or 0)
+        if num_layers > 0:
+            config.check_model(num_layers)
+    return config
+
+
+def apply() -> bool:
+    """Wrap the current platform's hook once per process."""
+    require_vllm(PATCH_NAME, TOUCHES)
+    from vllm.logger import init_logger
+    from vllm.platforms import current_platform
+
+    logger = init_logger("vllm_infinigen")
+    platform_cls = type(current_platform)
+    original = platform_cls.check_and_update_config.__func__  # type: ignore[attr-defined]
+    if getattr(original, _MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def check_and_update_config(cls: type, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        if infinigen_selected(vllm_config):
+            validate(vllm_config)
+            _force_eager(vllm_config)
+        elif (
+            isinstance(vllm_config.additional_config, dict)
+            and ADDITIONAL_CONFIG_KEY in vllm_config.additional_config
+        ):
+            logger.warning(
+                "--additional-config has '%s' options but the attention backend "
+                "is not infinigen; they are ignored",
+                ADDITIONAL_CONFIG_KEY,
+            )
+
+    setattr(check_and_update_config, _MARK, True)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign,assignment]
+    return True
