@@ -1,0 +1,114 @@
+"""Start ``vllm serve`` as a user would, on a free loopback port, and stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+VLLM_BIN = Path(sys.executable).with_name("vllm")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def serve_command(model: Path, port: int, extra: Sequence[str]) -> list[str]:
+    return [
+        str(VLLM_BIN),
+        "serve",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/health", timeout=5
+        ) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_server(
+    model: Path, extra: Sequence[str], log_path: Path, startup_timeout: float = 600
+) -> Iterator[Server]:
+    """Yield a healthy server; SIGINT it afterwards and wait for it to exit."""
+    port = free_port()
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            serve_command(model, port, extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    server = Server(process, port, log_path)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _healthy(port):
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"vllm serve exited with {process.returncode}:\n"
+                    + server.log()[-4000:]
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError("vllm serve not healthy in time:\n" + server.log()[-4000:])
+            time.sleep(2)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+def run_to_exit(
+    model: Path, extra: Sequence[str], timeout: float = 400
+) -> subprocess.CompletedProcess[str]:
+    """Run ``vllm serve`` expecting it to stop by itself (bad arguments)."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return subprocess.run(
+        serve_command(model, free_port(), extra),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )

@@ -1,0 +1,103 @@
+"""`vllm serve --attention-backend infinigen` answers the OpenAI API."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.server.serve_process import Server, run_to_exit, running_server
+
+pytestmark = pytest.mark.slow
+SERVED_NAME = "qwen-infinigen"
+
+
+@pytest.fixture(scope="module")
+def server(
+    qwen_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    extra = [
+        "--attention-backend",
+        "infinigen",
+        "--served-model-name",
+        SERVED_NAME,
+        "--max-model-len",
+        "2048",
+        "--additional-config",
+        json.dumps({"infinigen": {"budget": 1.0}}),
+    ]
+    with running_server(qwen_model_dir, extra, log_path) as srv:
+        yield srv
+    # Stopped by SIGINT in running_server: it must have exited, not been killed.
+    assert srv.process.returncode in (0, -signal.SIGINT, 130), srv.log()[-3000:]
+
+
+def _client(server: Server):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url, api_key="unused", timeout=300)
+
+
+def test_backend_in_use(server: Server) -> None:
+    log = server.log()
+    assert "INFINIGEN attention backend active" in log
+    assert "mode=exact" in log
+
+
+def test_models_endpoint(server: Server) -> None:
+    models = _client(server).models.list()
+    assert [m.id for m in models.data] == [SERVED_NAME]
+
+
+def test_completion(server: Server) -> None:
+    reply = _client(server).completions.create(
+        model=SERVED_NAME, prompt="def add(a, b):\n", max_tokens=16, temperature=0
+    )
+    choice = reply.choices[0]
+    assert reply.usage is not None and reply.usage.completion_tokens == 16
+    assert "return" in choice.text
+
+
+def test_chat_and_streaming_agree(server: Server) -> None:
+    client = _client(server)
+    messages = [{"role": "user", "content": "What is 2 + 3? Answer with a number."}]
+    reply = client.chat.completions.create(
+        model=SERVED_NAME, messages=messages, max_tokens=12, temperature=0
+    )
+    text = reply.choices[0].message.content or ""
+    assert "5" in text
+
+    stream = client.chat.completions.create(
+        model=SERVED_NAME, messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == text
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"budget": 2}, "'budget' must be a number in (0.0, 1.0]"),
+        ({"budgte": 0.2}, "known options"),
+    ],
+)
+def test_bad_additional_config_stops_startup(
+    qwen_model_dir: Path, options: dict[str, object], expected: str
+) -> None:
+    result = run_to_exit(
+        qwen_model_dir,
+        [
+            "--attention-backend",
+            "infinigen",
+            "--additional-config",
+            json.dumps({"infinigen": options}),
+        ],
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert expected in output, output[-3000:]
