@@ -104,9 +104,7 @@ def test_cpu_platform_honours_infinigen_only() -> None:
     )
     # Other non-CPU choices still fall back exactly as before.
     assert (
-        CpuPlatform.get_attn_backend_cls(
-            AttentionBackendEnum.FLASH_ATTN, _selector()
-        )
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.FLASH_ATTN, _selector())
         == cpu_path
     )
 

@@ -208,8 +208,7 @@ def _check_range(
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if not _is_int(value) or value < minimum:  # type: ignore[operator]
         raise ValueError(
-            f"infinigen option {name!r} must be an integer >= {minimum}, "
-            f"got {value!r}"
+            f"infinigen option {name!r} must be an integer >= {minimum}, got {value!r}"
         )
 
 

@@ -39,7 +39,7 @@ def infinigen_backend_member() -> Any:
     if member is None:
         register_backend(BACKEND_NAME, backend_class_path())
         member = AttentionBackendEnum[BACKEND_NAME]
-        member.__reduce_ex__ = _reduce_member  # type: ignore[method-assign]
+        member.__reduce_ex__ = _reduce_member  # type: ignore[method-assign,assignment]
     return member
 
 

@@ -38,7 +38,9 @@ def test_other_names_untouched() -> None:
     finder = cli_dist_alias.VllmCpuAliasFinder()
     from importlib.metadata import DistributionFinder
 
-    assert list(finder.find_distributions(DistributionFinder.Context(name="torch"))) == []
+    assert (
+        list(finder.find_distributions(DistributionFinder.Context(name="torch"))) == []
+    )
     assert list(finder.find_distributions(DistributionFinder.Context())) == []
 
 
@@ -52,7 +54,9 @@ def test_vllm_command_reports_version() -> None:
 
 
 def test_install_idempotent() -> None:
-    before = sum(isinstance(f, cli_dist_alias.VllmCpuAliasFinder) for f in sys.meta_path)
+    before = sum(
+        isinstance(f, cli_dist_alias.VllmCpuAliasFinder) for f in sys.meta_path
+    )
     cli_dist_alias.install()
     cli_dist_alias.install()
     after = sum(isinstance(f, cli_dist_alias.VllmCpuAliasFinder) for f in sys.meta_path)

@@ -86,7 +86,9 @@ def running_server(
                     + server.log()[-4000:]
                 )
             if time.monotonic() > deadline:
-                raise AssertionError("vllm serve not healthy in time:\n" + server.log()[-4000:])
+                raise AssertionError(
+                    "vllm serve not healthy in time:\n" + server.log()[-4000:]
+                )
             time.sleep(2)
         yield server
     finally:

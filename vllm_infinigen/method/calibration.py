@@ -55,6 +55,10 @@ class CalibrationOptions:
         return out
 
 
+DEFAULT_OPTIONS = CalibrationOptions()
+"""The default calibration options (see docs/method.md for their source)."""
+
+
 @dataclass(frozen=True, eq=False)
 class AttentionProjection:
     """The query/key side of one attention layer.
@@ -111,7 +115,10 @@ class AttentionProjection:
 
     def named_weights(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
         """The tensors of this projection, named, for :func:`tensor_digest`."""
-        named = [(f"{prefix}.q_weight", self.q_weight), (f"{prefix}.k_weight", self.k_weight)]
+        named = [
+            (f"{prefix}.q_weight", self.q_weight),
+            (f"{prefix}.k_weight", self.k_weight),
+        ]
         if self.q_bias is not None:
             named.append((f"{prefix}.q_bias", self.q_bias))
         if self.k_bias is not None:
@@ -198,7 +205,9 @@ def fit_skews_cached(
     layers = [
         fit(i)
         for i in tqdm(
-            range(num_layers), desc="InfiniGen calibration", unit="layer",
+            range(num_layers),
+            desc="InfiniGen calibration",
+            unit="layer",
             disable=not progress,
         )
     ]
@@ -209,7 +218,7 @@ def fit_skews_cached(
 
 def calibrate_layers(
     inputs: Sequence[LayerCalibrationInput],
-    options: CalibrationOptions = CalibrationOptions(),
+    options: CalibrationOptions = DEFAULT_OPTIONS,
     *,
     cache: CalibrationCache | None = None,
     progress: bool = True,
@@ -232,10 +241,18 @@ def calibrate_layers(
     named: list[tuple[str, torch.Tensor]] = []
     for i, inp in enumerate(inputs):
         named += inp.projection.named_weights(f"layer{i}")
-        named += [(f"layer{i}.x", inp.x[: options.max_tokens]), (f"layer{i}.pos", inp.positions)]
-    key = calibration_key(weights_digest=tensor_digest(named), options=options.key_dict())
+        named += [
+            (f"layer{i}.x", inp.x[: options.max_tokens]),
+            (f"layer{i}.pos", inp.positions[: options.max_tokens]),
+        ]
+    key = calibration_key(
+        weights_digest=tensor_digest(named), options=options.key_dict()
+    )
     skews = fit_skews_cached(
-        len(inputs), lambda i: fit_layer(inputs[i], options), cache=cache, key=key,
+        len(inputs),
+        lambda i: fit_layer(inputs[i], options),
+        cache=cache,
+        key=key,
         progress=progress,
     )
     return build_speculators([inp.projection for inp in inputs], skews)

@@ -27,7 +27,7 @@ CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    """``$VLLM_INFINIGEN_CACHE/calibration`` or ``~/.cache/vllm-infinigen/calibration``."""
+    """``$VLLM_INFINIGEN_CACHE/calibration``, else ``~/.cache/vllm-infinigen/...``."""
     root = os.environ.get("VLLM_INFINIGEN_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "vllm-infinigen"
     return base / "calibration"
@@ -68,7 +68,9 @@ class CalibrationCache:
     """A directory of ``<key>.pt`` files, each a list of per-layer skews."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.directory = (
+            Path(directory) if directory is not None else default_cache_dir()
+        )
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.pt"

@@ -91,7 +91,9 @@ class SelectionPolicy:
         """Columns of :attr:`BlockSelection.indices` for a block table width."""
         if self.max_blocks is None:
             return table_width
-        return min(table_width, max(self.max_blocks, self.sink_blocks + self.recent_blocks))
+        return min(
+            table_width, max(self.max_blocks, self.sink_blocks + self.recent_blocks)
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,7 +113,9 @@ class BlockSelection:
 
 def num_blocks_of(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[num_reqs]`` -> ``[num_reqs]`` int64: ``ceil(seq_len / block_size)``."""
-    return torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
+    return torch.div(
+        seq_lens.long() + block_size - 1, block_size, rounding_mode="floor"
+    )
 
 
 def block_margins(
@@ -175,7 +179,9 @@ def select_blocks(
     width = policy.output_width(max_blocks)
     if max_blocks == 0:
         empty = torch.empty(num_reqs, 0, dtype=torch.long, device=device)
-        return BlockSelection(empty, torch.zeros(num_reqs, dtype=torch.long, device=device))
+        return BlockSelection(
+            empty, torch.zeros(num_reqs, dtype=torch.long, device=device)
+        )
     n_blocks = num_blocks_of(seq_lens.to(device), block_size)[:, None]  # [R, 1]
     logical = torch.arange(max_blocks, device=device)[None, :]  # [1, M]
     valid = logical < n_blocks
@@ -196,13 +202,34 @@ def select_blocks(
     ranks = _rank_descending_newest_first(torch.where(candidate, margin, neg_inf))
     selected = forced | (candidate & (ranks < n_take))
 
+    return selection_from_mask(selected, width)
+
+
+def selection_from_mask(
+    selected: torch.Tensor, width: int | None = None
+) -> BlockSelection:
+    """Turn a block mask into a :class:`BlockSelection`.
+
+    Args:
+        selected: ``[num_reqs, max_blocks]`` bool.
+        width: output columns (``None``: ``max_blocks``); must be at least the
+            largest row count, or selected blocks are dropped from ``indices``.
+
+    Returns:
+        Indices ascending, :data:`PAD`-padded; counts of ``True`` per row.
+    """
+    max_blocks = selected.shape[1]
+    width = max_blocks if width is None else width
+    logical = torch.arange(max_blocks, device=selected.device)[None, :]
     sort_keys = torch.where(selected, logical, max_blocks)
     indices = torch.sort(sort_keys, dim=1).values[:, :width]
     indices = torch.where(indices < max_blocks, indices, PAD)
     return BlockSelection(indices=indices, counts=selected.sum(dim=1))
 
 
-def selected_block_ids(block_table: torch.Tensor, selection: BlockSelection) -> torch.Tensor:
+def selected_block_ids(
+    block_table: torch.Tensor, selection: BlockSelection
+) -> torch.Tensor:
     """Physical block ids of the selection.
 
     Args:

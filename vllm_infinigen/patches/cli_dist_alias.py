@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from typing import Any
 from importlib.metadata import (
     Distribution,
     DistributionFinder,
@@ -49,7 +50,7 @@ class _CpuAliasDistribution(Distribution):
     def read_text(self, filename: str) -> str | None:
         return self._dist.read_text(filename)
 
-    def locate_file(self, path: str | os.PathLike[str]) -> object:
+    def locate_file(self, path: str | os.PathLike[str]) -> Any:
         return self._dist.locate_file(path)
 
     @property

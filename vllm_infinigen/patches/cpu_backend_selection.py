@@ -49,9 +49,7 @@ def apply() -> bool:
                     "it does not support. Choose another attention backend."
                 )
             return str(selected_backend.get_path())
-        return str(
-            original(cls, selected_backend, attn_selector_config, num_heads)
-        )
+        return str(original(cls, selected_backend, attn_selector_config, num_heads))
 
     setattr(get_attn_backend_cls, _MARK, True)
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)  # type: ignore[method-assign,assignment]

@@ -1,0 +1,234 @@
+"""Attention-mass recall of a block selection, and the baselines it is judged by.
+
+Recall of a selection = the share of the true attention probability mass
+(softmax of the real query against all cached keys, averaged over query
+heads) that falls in the selected blocks. 1.0 means the sparse attention
+sees every token that matters. Baselines of the same size per request:
+
+* oracle: the blocks with the largest true mass (the best possible set);
+* random: uniformly random blocks (expected recall = share of blocks);
+* window: the sink blocks plus the most recent blocks (StreamingLLM-like).
+
+:func:`evaluate_layer` measures one layer on one sequence, going through the
+same paged path as the engine (a partial key cache with permuted block ids,
+:func:`~.scoring.block_scores`, :func:`~.selection.select_blocks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .partial_cache import new_partial_key_cache, write_partial_keys
+from .scoring import block_scores
+from .selection import (
+    BlockSelection,
+    SelectionPolicy,
+    num_blocks_of,
+    select_blocks,
+    selection_from_mask,
+)
+from .speculator import LayerSpeculator
+
+
+def attention_block_mass(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """True attention mass per block, averaged over query heads.
+
+    Args:
+        queries: ``[num_reqs, num_heads, head_dim]`` real post-RoPE queries.
+        keys: ``[tokens, num_kv_heads, head_dim]`` real post-RoPE keys of one
+            sequence; request ``r`` attends to ``keys[:seq_lens[r]]``.
+        seq_lens: ``[num_reqs]`` int, ``<= tokens``.
+        block_size: tokens per block.
+        scale: softmax scale.
+
+    Returns:
+        ``[num_reqs, ceil(tokens / block_size)]`` float64; each row sums to 1.
+    """
+    tokens, num_kv_heads, head_dim = keys.shape
+    num_reqs, num_heads, _ = queries.shape
+    group = num_heads // num_kv_heads
+    q = queries.double().reshape(num_reqs, num_kv_heads, group, head_dim)
+    logits = torch.einsum("rkgd,tkd->rkgt", q, keys.double()) * scale
+    valid = torch.arange(tokens)[None, :] < seq_lens[:, None]
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = logits.softmax(dim=-1).mean(dim=(1, 2))  # [R, T]
+    max_blocks = -(-tokens // block_size)
+    padded = torch.zeros(num_reqs, max_blocks * block_size, dtype=torch.float64)
+    padded[:, :tokens] = probs
+    return padded.view(num_reqs, max_blocks, block_size).sum(dim=-1)
+
+
+def selection_mass(block_mass: torch.Tensor, selection: BlockSelection) -> torch.Tensor:
+    """``block_mass: [R, M]`` -> ``[R]`` mass inside the selected blocks."""
+    idx = selection.indices
+    picked = torch.gather(block_mass, 1, idx.clamp(min=0))
+    return (picked * (idx >= 0)).sum(dim=1)
+
+
+def _top_count_mask(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[R, M]`` mask of the ``counts[r]`` largest ``keys`` per row."""
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(keys.shape[1]).expand_as(order)
+    )
+    return ranks < counts[:, None]
+
+
+def oracle_selection(
+    block_mass: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    counts: torch.Tensor,
+) -> BlockSelection:
+    """The ``counts[r]`` blocks with the largest true mass per request."""
+    valid = (
+        torch.arange(block_mass.shape[1])[None, :]
+        < num_blocks_of(seq_lens, block_size)[:, None]
+    )
+    keys = torch.where(valid, block_mass, torch.tensor(-1.0, dtype=block_mass.dtype))
+    return selection_from_mask(_top_count_mask(keys, counts) & valid)
+
+
+def random_selection(
+    max_blocks: int,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    counts: torch.Tensor,
+    generator: torch.Generator,
+) -> BlockSelection:
+    """``counts[r]`` uniformly random blocks among each request's blocks."""
+    valid = (
+        torch.arange(max_blocks)[None, :] < num_blocks_of(seq_lens, block_size)[:, None]
+    )
+    keys = torch.rand(valid.shape, generator=generator, dtype=torch.float64)
+    keys = torch.where(valid, keys, torch.tensor(-1.0, dtype=torch.float64))
+    return selection_from_mask(_top_count_mask(keys, counts) & valid)
+
+
+def window_selection(
+    max_blocks: int,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    counts: torch.Tensor,
+    sink_blocks: int,
+) -> BlockSelection:
+    """The first ``sink_blocks`` blocks, then the newest, ``counts[r]`` in all."""
+    n = num_blocks_of(seq_lens, block_size)[:, None]
+    logical = torch.arange(max_blocks)[None, :]
+    sink = torch.clamp(counts[:, None], max=sink_blocks)
+    recent = counts[:, None] - sink
+    mask = (logical < sink) | ((logical >= n - recent) & (logical < n))
+    return selection_from_mask(mask)
+
+
+def build_paged_cache(
+    partial_keys: torch.Tensor,
+    block_size: int,
+    num_reqs: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page one sequence's partial keys under randomly permuted block ids.
+
+    Args:
+        partial_keys: ``[tokens, num_kv_heads, d_partial]``.
+        block_size: tokens per block.
+        num_reqs: rows of the block table (all share the sequence's blocks).
+        generator: drives the permutation.
+
+    Returns:
+        ``cache: [2 * max_blocks, block_size, num_kv_heads, d_partial]`` and
+        ``block_table: [num_reqs, max_blocks]`` int32.
+    """
+    tokens, num_kv_heads, d_partial = partial_keys.shape
+    max_blocks = -(-tokens // block_size)
+    physical = torch.randperm(2 * max_blocks, generator=generator)[:max_blocks]
+    cache = new_partial_key_cache(
+        2 * max_blocks, block_size, num_kv_heads, d_partial, dtype=partial_keys.dtype
+    )
+    token_index = torch.arange(tokens)
+    slots = physical[token_index // block_size] * block_size + token_index % block_size
+    write_partial_keys(cache, partial_keys, slots)
+    table = physical.to(torch.int32)[None, :].expand(num_reqs, -1).contiguous()
+    return cache, table
+
+
+@dataclass(frozen=True, eq=False)
+class LayerRecall:
+    """Per-request results of one layer (all ``[num_reqs]`` float64).
+
+    Attributes:
+        method: recall of the speculated selection.
+        oracle, random, window: recall of the baselines of the same size.
+        fraction: selected blocks / request's blocks.
+    """
+
+    method: torch.Tensor
+    oracle: torch.Tensor
+    random: torch.Tensor
+    window: torch.Tensor
+    fraction: torch.Tensor
+
+
+def evaluate_layer(
+    speculator: LayerSpeculator,
+    prev_x: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    eval_positions: torch.Tensor,
+    policy: SelectionPolicy,
+    block_size: int,
+    generator: torch.Generator,
+) -> LayerRecall:
+    """Recall of speculation for one layer at several decode positions.
+
+    Decode request ``r`` is the token at ``eval_positions[r]`` with the cache
+    holding tokens ``0..eval_positions[r]`` (itself included).
+
+    Args:
+        speculator: this layer's speculator.
+        prev_x: ``[tokens, hidden]`` the previous layer's attention input.
+        queries: ``[tokens, num_heads, head_dim]`` this layer's real queries.
+        keys: ``[tokens, num_kv_heads, head_dim]`` this layer's real keys.
+        eval_positions: ``[num_reqs]`` int64 decode positions.
+        policy: selection policy.
+        block_size: tokens per block.
+        generator: drives the block permutation and the random baseline.
+    """
+    scale = speculator.head_dim**-0.5
+    seq_lens = eval_positions + 1
+    num_reqs = eval_positions.shape[0]
+    q_spec = speculator.speculate(prev_x[eval_positions], eval_positions)
+    cache, table = build_paged_cache(
+        speculator.partial_keys(keys), block_size, num_reqs, generator
+    )
+    scores = block_scores(q_spec, cache, table, seq_lens, scale)
+    chosen = select_blocks(scores, seq_lens, block_size, policy)
+    mass = attention_block_mass(
+        queries[eval_positions], keys, seq_lens, block_size, scale
+    )
+    counts = chosen.counts
+    max_blocks = mass.shape[1]
+    return LayerRecall(
+        method=selection_mass(mass, chosen),
+        oracle=selection_mass(
+            mass, oracle_selection(mass, seq_lens, block_size, counts)
+        ),
+        random=selection_mass(
+            mass, random_selection(max_blocks, seq_lens, block_size, counts, generator)
+        ),
+        window=selection_mass(
+            mass,
+            window_selection(
+                max_blocks, seq_lens, block_size, counts, policy.sink_blocks
+            ),
+        ),
+        fraction=counts.double() / num_blocks_of(seq_lens, block_size).double(),
+    )
