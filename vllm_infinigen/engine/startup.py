@@ -9,7 +9,7 @@ from vllm.logger import init_logger
 
 from vllm_infinigen.config import InfiniGenConfig
 
-logger = init_logger("vllm_infinigen")
+logger = init_logger("vllm.infinigen")
 
 _lock = threading.Lock()
 _announced = False

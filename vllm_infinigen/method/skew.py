@@ -96,7 +96,10 @@ def compute_skew(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
     q_grouped = group_queries(queries.to(torch.float64), num_kv_heads)
     k_heads = keys.to(torch.float64).transpose(0, 1)  # [kv, tokens, d]
-    _, sing, vh = torch.linalg.svd(q_grouped, full_matrices=True)
+    rows = q_grouped.shape[1]
+    if rows < head_dim:  # zero rows keep V's span and give a square V
+        q_grouped = torch.nn.functional.pad(q_grouped, (0, 0, 0, head_dim - rows))
+    _, sing, vh = torch.linalg.svd(q_grouped, full_matrices=False)  # vh: [kv, d, d]
     basis = vh.transpose(-1, -2)  # [kv, d, d], columns = right singular vectors
     sigma = torch.zeros(num_kv_heads, head_dim, dtype=torch.float64)
     sigma[:, : sing.shape[-1]] = sing

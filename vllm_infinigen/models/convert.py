@@ -12,9 +12,11 @@ that importing this package stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,27 @@ WEIGHTS_FILE = "model.safetensors"
 
 #: Keys of the in-memory config that must not reach ``config.json``.
 _DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
+#: Environment variables that keep huggingface_hub and transformers offline.
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def _quiet_transformers(progress: bool) -> None:
-    """Keep transformers offline, and silent unless ``progress`` is set."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Forbid Hugging Face hub access while converting (restored afterwards)."""
+    saved = {key: os.environ.get(key) for key in _OFFLINE_VARS}
+    os.environ.update(dict.fromkeys(_OFFLINE_VARS, "1"))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _set_progress_bars(progress: bool) -> None:
+    """Show transformers' progress bars only when ``progress`` is set."""
     from transformers.utils import logging as hf_logging
 
     if progress:
@@ -45,7 +62,9 @@ def load_tokenizer(gguf_path: Path) -> Any:
     """Tokenizer built by transformers from the GGUF vocabulary."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return AutoTokenizer.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+    )
 
 
 def load_model(gguf_path: Path) -> Any:
@@ -54,7 +73,10 @@ def load_model(gguf_path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        dtype=torch.float32,
+        local_files_only=True,
     )
     return model.eval()
 
@@ -185,7 +207,7 @@ def check_saved_tokenizer(out_dir: Path, spec: ModelSpec) -> None:
     """Reload the tokenizer from ``out_dir``: template present, BOS as required."""
     from transformers import AutoTokenizer
 
-    reloaded = AutoTokenizer.from_pretrained(out_dir)
+    reloaded = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     if not reloaded.chat_template:
         raise RuntimeError(f"{spec.name}: saved tokenizer lost its chat template")
     if spec.force_add_bos and not starts_with_bos(reloaded):
@@ -211,7 +233,12 @@ def smoke_test(model: Any, tokenizer: Any, spec: ModelSpec) -> str:
 
 def convert(gguf_path: Path, out_dir: Path, spec: ModelSpec, progress: bool) -> None:
     """Write the Hugging Face folder of ``spec`` into ``out_dir`` (must exist)."""
-    _quiet_transformers(progress)
+    with _offline():
+        _set_progress_bars(progress)
+        _convert(gguf_path, out_dir, spec)
+
+
+def _convert(gguf_path: Path, out_dir: Path, spec: ModelSpec) -> None:
     logger.info("building tokenizer from %s", gguf_path.name)
     tokenizer = load_tokenizer(gguf_path)
     prepare_tokenizer(tokenizer, spec)

@@ -61,7 +61,7 @@ def apply() -> bool:
     from vllm.logger import init_logger
     from vllm.platforms import current_platform
 
-    logger = init_logger("vllm_infinigen")
+    logger = init_logger("vllm.infinigen")
     platform_cls = type(current_platform)
     original = platform_cls.check_and_update_config.__func__  # type: ignore[attr-defined]
     if getattr(original, _MARK, False):
