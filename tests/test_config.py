@@ -28,6 +28,8 @@ GOOD: list[tuple[str, Any]] = [
     ("host_pool_gib", None),
     ("policy", "infinigen"),
     ("calibration_file", "/tmp/calib.txt"),
+    ("swap_mode", "thread"),
+    ("swap_mode", "sync"),
 ]
 
 BAD: list[tuple[str, Any]] = [
@@ -54,6 +56,7 @@ BAD: list[tuple[str, Any]] = [
     ("host_pool_gib", -2),
     ("policy", "h2o-please"),
     ("calibration_file", ""),
+    ("swap_mode", "async"),
 ]
 
 

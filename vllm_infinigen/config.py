@@ -20,6 +20,9 @@ from typing import Any
 #: Key of our options inside vLLM's ``additional_config`` dict.
 ADDITIONAL_CONFIG_KEY = "infinigen"
 
+#: How selected blocks are copied into staging (see engine/copier.py).
+SWAP_MODES: tuple[str, ...] = ("sync", "thread")
+
 #: Block-selection policies. ``infinigen`` is the method of the paper; the
 #: peer policies of the evidence milestone join this tuple when they land.
 POLICIES: tuple[str, ...] = ("infinigen",)
@@ -44,7 +47,8 @@ class InfiniGenConfig:
 
     budget: float = 0.2
     """Fraction of a request's KV blocks fetched per layer at decode, in
-    (0, 1]. 1.0 fetches every block and is exact."""
+    (0, 1]. 1.0 (without ``max_blocks``) fetches every block whatever
+    ``alpha`` says, and is exact."""
 
     max_blocks: int | None = None
     """Optional cap on blocks fetched per request per layer (>= 1); the
@@ -75,6 +79,11 @@ class InfiniGenConfig:
 
     policy: str = "infinigen"
     """Block-selection policy, one of :data:`POLICIES`."""
+
+    swap_mode: str = "sync"
+    """How the swap-in runs: ``sync`` (inline, when speculation finishes) or
+    ``thread`` (a worker thread overlapping the previous layer's compute; on
+    CUDA the equivalent is a side stream). One of :data:`SWAP_MODES`."""
 
     calibration_file: str | None = None
     """Text file used to calibrate the skew matrices and partial channels.
@@ -114,6 +123,11 @@ class InfiniGenConfig:
             raise ValueError(
                 f"infinigen option 'policy' must be one of {list(POLICIES)}, "
                 f"got {self.policy!r}"
+            )
+        if self.swap_mode not in SWAP_MODES:
+            raise ValueError(
+                f"infinigen option 'swap_mode' must be one of {list(SWAP_MODES)}, "
+                f"got {self.swap_mode!r}"
             )
         if self.calibration_file is not None and (
             not isinstance(self.calibration_file, str) or not self.calibration_file

@@ -51,9 +51,14 @@ def register() -> None:
     """Register the INFINIGEN backend and apply our vLLM patches."""
     from vllm.platforms import current_platform
 
-    from vllm_infinigen.patches import cpu_backend_selection, platform_config
+    from vllm_infinigen.patches import (
+        cpu_backend_selection,
+        model_load,
+        platform_config,
+    )
 
     infinigen_backend_member()
     if current_platform.is_cpu():
         cpu_backend_selection.apply()
+        model_load.apply()
     platform_config.apply()

@@ -24,7 +24,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="same for every engine compared"
+    )
     parser.add_argument("--infinigen", default="{}", help="JSON infinigen options")
+    parser.add_argument(
+        "--stats", action="store_true", help="include the INFINIGEN counters"
+    )
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -42,6 +48,7 @@ def main() -> None:
         enable_chunked_prefill=True,
         enable_prefix_caching=False,
         enforce_eager=True,
+        block_size=args.block_size,
         seed=0,
         **kwargs,  # type: ignore[arg-type]
     )
@@ -55,6 +62,8 @@ def main() -> None:
         "texts": [o.outputs[0].text for o in outputs],
         "seconds": elapsed,
     }
+    if args.stats:
+        result["stats"] = llm.collective_rpc("infinigen_stats")[0]
     Path(args.out).write_text(json.dumps(result))
 
 

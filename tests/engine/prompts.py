@@ -33,3 +33,30 @@ def mixed_length_prompts(shared_data: Path) -> list[str]:
         book_text(shared_data, 3200, offset=6000)
         + "\n\nWhat happens next in the story?",
     ]
+
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+    "There and back again. "
+)
+
+
+def passkey_prompt(passkey: int, depth: float, filler_repeats: int) -> str:
+    """A pass key hidden at ``depth`` (0..1) of repeated filler, asked back."""
+    before = int(filler_repeats * depth)
+    return (
+        "There is an important pass key hidden inside a lot of irrelevant "
+        "text. Find it and memorize it.\n\n"
+        + FILLER * before
+        + f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+        + FILLER * (filler_repeats - before)
+        + "\n\nWhat is the pass key? The pass key is"
+    )
+
+
+def code_prompt(module_name: str, chars: int) -> str:
+    """The first ``chars`` characters of a standard-library module's source."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    return inspect.getsource(module)[:chars]

@@ -1,4 +1,9 @@
-"""INFINIGEN (exact mode) matches vLLM's default CPU backend token for token."""
+"""INFINIGEN with a full budget matches vLLM's default CPU backend token for token.
+
+With ``budget=1.0`` every block of every sparse layer is selected, swapped
+into staging and attended there through the compacted block table: the whole
+sparse decode path runs, and its output must equal dense attention's.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,17 @@ pytestmark = pytest.mark.slow
 
 
 def run_engine(
-    model: Path, backend: str, prompts_file: Path, out: Path, **options: Any
+    model: Path,
+    backend: str,
+    prompts_file: Path,
+    out: Path,
+    *,
+    max_tokens: int = 32,
+    max_model_len: int = 2048,
+    stats: bool = False,
+    **options: Any,
 ) -> tuple[dict[str, Any], str]:
+    """Run ``generate_script.py`` in a fresh process; return its JSON and log."""
     cmd = [
         sys.executable,
         str(SCRIPT),
@@ -34,6 +48,11 @@ def run_engine(
         str(out),
         "--infinigen",
         json.dumps(options),
+        "--max-tokens",
+        str(max_tokens),
+        "--max-model-len",
+        str(max_model_len),
+        *(["--stats"] if stats else []),
     ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -53,7 +72,7 @@ def test_exact_backend_matches_default(
 
     dense, dense_log = run_engine(model, "default", prompts_file, tmp_path / "d.json")
     ours, our_log = run_engine(
-        model, "infinigen", prompts_file, tmp_path / "i.json", budget=1.0
+        model, "infinigen", prompts_file, tmp_path / "i.json", stats=True, budget=1.0
     )
 
     counts = dense["prompt_token_counts"]
@@ -61,6 +80,12 @@ def test_exact_backend_matches_default(
     assert any(128 < c <= 512 for c in counts), counts  # longer than a block
     assert "INFINIGEN attention backend active" in our_log
     assert "INFINIGEN attention backend active" not in dense_log
+    # Every decode step of every sparse layer went through the swap-in path,
+    # and a full budget selected every block.
+    total = ours["stats"]["total"]
+    assert total["steps"] > 0
+    assert total["blocks_selected"] == total["blocks_total"] > 0
+    assert total["bytes_swapped"] > 0
     for i, (want, got) in enumerate(
         zip(dense["token_ids"], ours["token_ids"], strict=True)
     ):

@@ -108,6 +108,7 @@ def ref_block_scores(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    log_mass: bool = False,
 ) -> torch.Tensor:
     """Loops over requests, KV heads, blocks, tokens and query heads."""
     num_reqs, max_blocks = block_table.shape
@@ -116,17 +117,29 @@ def ref_block_scores(
     out = torch.full((num_reqs, num_kv, max_blocks), float("-inf"))
     for r in range(num_reqs):
         seq_len = int(seq_lens[r])
+
+        def logit(h: int, t: int, g: int, r: int = r) -> float:
+            key = cache[int(block_table[r, t // block_size]), t % block_size, g]
+            return float(query_partial[r, h].double() @ key.double()) * scale
+
         for g in range(num_kv):
+            heads = range(g * group, (g + 1) * group)
+            if log_mass:
+                probs = {}
+                for h in heads:
+                    row = [logit(h, t, g) for t in range(seq_len)]
+                    top = max(row)
+                    total = sum(math.exp(v - top) for v in row)
+                    probs[h] = [math.exp(v - top) / total for v in row]
             for j in range(max_blocks):
-                best = float("-inf")
-                for off in range(block_size):
-                    if j * block_size + off >= seq_len:
-                        break
-                    key = cache[int(block_table[r, j]), off, g].double()
-                    for h in range(g * group, (g + 1) * group):
-                        dot = float(query_partial[r, h].double() @ key) * scale
-                        best = max(best, dot)
-                out[r, g, j] = best
+                tokens = range(j * block_size, min((j + 1) * block_size, seq_len))
+                if len(tokens) == 0:
+                    continue
+                if log_mass:
+                    mass = sum(probs[h][t] for h in heads for t in tokens) / group
+                    out[r, g, j] = math.log(mass) if mass > 0 else float("-inf")
+                else:
+                    out[r, g, j] = max(logit(h, t, g) for h in heads for t in tokens)
     return out
 
 
@@ -140,7 +153,7 @@ def ref_select(
     max_blocks: int | None,
     sink: int,
     recent: int,
-    per_head: bool,
+    reduction: str,
 ) -> tuple[list[list[int]], int]:
     """Selected logical blocks per request (ascending) and the output width."""
     num_reqs, num_kv, table_width = scores.shape
@@ -153,16 +166,22 @@ def ref_select(
         forced = {j for j in range(n) if j < sink or j >= n - recent}
         margins = {}
         for j in range(n):
-            if per_head:
+            if reduction == "per_head":
                 best_margin = float("-inf")
                 for g in range(num_kv):
                     head_best = max(float(scores[r, g, i]) for i in range(n))
                     best_margin = max(best_margin, float(scores[r, g, j]) - head_best)
                 margins[j] = best_margin
             else:
-                merged = [
-                    max(float(scores[r, g, i]) for g in range(num_kv)) for i in range(n)
-                ]
+                merged = []
+                for i in range(n):
+                    values = [float(scores[r, g, i]) for g in range(num_kv)]
+                    if reduction == "max":
+                        merged.append(max(values))
+                    else:
+                        top = max(values)
+                        mean = sum(math.exp(v - top) for v in values) / num_kv
+                        merged.append(top + math.log(mean))
                 margins[j] = merged[j] - max(merged)
         candidates = [j for j in range(n) if j not in forced and margins[j] >= -alpha]
         budget = math.ceil(n * budget_fraction - 1e-6)

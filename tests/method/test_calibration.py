@@ -228,7 +228,7 @@ def test_calibrate_hf_model_with_cache(
         model, _ByteTokenizer(), text=text, cache=cache, progress=False
     )
     assert len(specs) == 3
-    assert all(s.d_partial == 4 for s in specs)  # ceil(0.2 * 16)
+    assert all(s.d_partial == 5 for s in specs)  # ceil(0.3 * 16)
     assert not specs[0].folded  # RoPE: full query path
     x = torch.randn(2, 64)
     assert specs[1].speculate(x, torch.tensor([3, 9])).shape == (

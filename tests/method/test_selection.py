@@ -16,7 +16,7 @@ from vllm_infinigen.method.partial_cache import (
     new_partial_key_cache,
     write_partial_keys,
 )
-from vllm_infinigen.method.scoring import block_scores
+from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
 from vllm_infinigen.method.selection import (
     PAD,
     HeadReduction,
@@ -59,19 +59,23 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
 @pytest.mark.parametrize("case", list(CASES))
-def test_block_scores_match_reference(case: str) -> None:
+def test_block_scores_match_reference(case: str, rule: BlockScoreRule) -> None:
     seq_lens, block_size = CASES[case]
     q, cache, table, lens = _ragged_batch(seq_lens, block_size)
-    out = block_scores(q, cache, table, lens, scale=0.25)
-    expected = ref_block_scores(q, cache, table, lens, scale=0.25)
+    out = block_scores(q, cache, table, lens, scale=0.25, rule=rule)
+    expected = ref_block_scores(
+        q, cache, table, lens, scale=0.25, log_mass=rule is BlockScoreRule.LOG_MASS
+    )
     assert out.shape == expected.shape
     assert torch.equal(torch.isinf(out), torch.isinf(expected))
     finite = torch.isfinite(expected)
     torch.testing.assert_close(out[finite], expected[finite], atol=1e-5, rtol=1e-5)
 
 
-def test_block_scores_ignore_physical_placement() -> None:
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
+def test_block_scores_ignore_physical_placement(rule: BlockScoreRule) -> None:
     """The same logical content under two different block tables scores equal."""
     q, cache, table, lens = _ragged_batch([70, 33], 16, seed=4)
     perm = torch.randperm(cache.shape[0])
@@ -79,8 +83,8 @@ def test_block_scores_ignore_physical_placement() -> None:
     moved[perm] = cache  # block b now lives at perm[b]
     new_table = perm[table.long()].to(torch.int32)
     torch.testing.assert_close(
-        block_scores(q, moved, new_table, lens, 1.0),
-        block_scores(q, cache, table, lens, 1.0),
+        block_scores(q, moved, new_table, lens, 1.0, rule),
+        block_scores(q, cache, table, lens, 1.0, rule),
     )
 
 
@@ -109,7 +113,7 @@ def _check_against_reference(
         max_blocks=policy.max_blocks,
         sink=policy.sink_blocks,
         recent=policy.recent_blocks,
-        per_head=policy.head_reduction is HeadReduction.PER_HEAD,
+        reduction=policy.head_reduction.value,
     )
     assert sel.indices.shape == (scores.shape[0], width)
     assert sel.counts.tolist() == [len(row) for row in expected]
@@ -128,15 +132,19 @@ POLICIES = [
     SelectionPolicy(alpha=3.0, budget_fraction=1.0, max_blocks=4),
     SelectionPolicy(alpha=8.0, budget_fraction=0.25, head_reduction=HeadReduction.MAX),
     SelectionPolicy(alpha=2.0, budget_fraction=0.05, sink_blocks=3, recent_blocks=3),
+    SelectionPolicy(alpha=5.0, budget_fraction=0.4, head_reduction=HeadReduction.MEAN),
 ]
 
 
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: repr(p)[15:60])
 @pytest.mark.parametrize("case", list(CASES))
-def test_select_blocks_matches_reference(case: str, policy: SelectionPolicy) -> None:
+def test_select_blocks_matches_reference(
+    case: str, policy: SelectionPolicy, rule: BlockScoreRule
+) -> None:
     seq_lens, block_size = CASES[case]
     q, cache, table, lens = _ragged_batch(seq_lens, block_size, seed=9)
-    scores = block_scores(q, cache, table, lens, scale=1.0)
+    scores = block_scores(q, cache, table, lens, scale=1.0, rule=rule)
     _check_against_reference(scores, lens, block_size, policy)
 
 
@@ -154,7 +162,7 @@ def test_select_blocks_random_scores(seed: int) -> None:
         max_blocks=[None, 3, 8][seed % 3],
         sink_blocks=seed % 3,
         recent_blocks=(seed // 3) % 3,
-        head_reduction=list(HeadReduction)[seed % 2],
+        head_reduction=list(HeadReduction)[seed % 3],
     )
     _check_against_reference(scores, lens, block_size, policy)
 
@@ -216,7 +224,12 @@ def test_per_head_union_keeps_a_quiet_heads_block() -> None:
     scores = torch.tensor([[[10.0, 9.0, 0.0, 0.0], [-5.0, -5.0, 1.0, -5.0]]])
     lens = torch.tensor([64])
     kwargs = dict(alpha=2.0, budget_fraction=1.0, sink_blocks=0, recent_blocks=0)
-    per_head = select_blocks(scores, lens, 16, SelectionPolicy(**kwargs))  # type: ignore[arg-type]
+    per_head = select_blocks(
+        scores,
+        lens,
+        16,
+        SelectionPolicy(head_reduction=HeadReduction.PER_HEAD, **kwargs),  # type: ignore[arg-type]
+    )
     merged = select_blocks(
         scores,
         lens,

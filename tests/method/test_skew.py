@@ -59,7 +59,8 @@ def test_skew_with_fewer_tokens_than_dims_is_still_orthogonal() -> None:
     torch.testing.assert_close(
         a @ a.transpose(1, 2), torch.eye(16).expand(2, 16, 16), atol=1e-5, rtol=0
     )
-    torch.testing.assert_close(a, ref_skew(q, k), atol=1e-5, rtol=0)
+    # 3 tokens x 1 head per group: rank 3; the null-space columns are any basis
+    torch.testing.assert_close(a[..., :3], ref_skew(q, k)[..., :3], atol=1e-5, rtol=0)
 
 
 def test_skew_concentrates_query_energy_in_leading_columns() -> None:

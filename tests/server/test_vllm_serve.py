@@ -27,8 +27,10 @@ def server(
         SERVED_NAME,
         "--max-model-len",
         "2048",
+        "--block-size",
+        "32",
         "--additional-config",
-        json.dumps({"infinigen": {"budget": 1.0}}),
+        json.dumps({"infinigen": {"budget": 0.3}}),
     ]
     with running_server(qwen_model_dir, extra, log_path) as srv:
         yield srv
@@ -45,7 +47,9 @@ def _client(server: Server):  # type: ignore[no-untyped-def]
 def test_backend_in_use(server: Server) -> None:
     log = server.log()
     assert "INFINIGEN attention backend active" in log
-    assert "mode=exact" in log
+    assert "mode=sparse swap-in decode" in log
+    assert "budget=0.3" in log
+    assert "INFINIGEN calibration ready" in log
 
 
 def test_models_endpoint(server: Server) -> None:
@@ -60,6 +64,24 @@ def test_completion(server: Server) -> None:
     choice = reply.choices[0]
     assert reply.usage is not None and reply.usage.completion_tokens == 16
     assert "return" in choice.text
+
+
+def test_long_prompt_sparse_decode(server: Server) -> None:
+    """A ~1.2K-token prompt over 32-token blocks: decode reads ~30% of them."""
+    from tests.conftest import SHARED_DATA
+    from tests.engine.prompts import book_text
+
+    text = book_text(SHARED_DATA, 5000, offset=1000)
+    reply = _client(server).completions.create(
+        model=SERVED_NAME,
+        prompt=text + "\n\nThe name of the book's main character is",
+        max_tokens=24,
+        temperature=0,
+    )
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 1000
+    assert reply.usage.completion_tokens == 24
+    assert reply.choices[0].text.strip()
 
 
 def test_chat_and_streaming_agree(server: Server) -> None:

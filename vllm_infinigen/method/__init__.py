@@ -23,7 +23,7 @@ from .calibration_text import default_calibration_text, load_calibration_text
 from .counters import count_selected_blocks, new_selection_counters
 from .partial_cache import new_partial_key_cache, write_partial_keys
 from .rotary import HeadNormFn, NeoxRotary, RotaryFn
-from .scoring import block_scores
+from .scoring import BlockScoreRule, block_scores
 from .selection import (
     PAD,
     BlockSelection,
@@ -47,6 +47,7 @@ from .speculator import LayerSpeculator
 __all__ = [
     "PAD",
     "AttentionProjection",
+    "BlockScoreRule",
     "BlockSelection",
     "CalibrationCache",
     "CalibrationOptions",

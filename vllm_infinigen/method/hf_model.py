@@ -43,13 +43,19 @@ class HfRotary:
 
     ``rotary_emb(x, position_ids[None])`` returns ``cos, sin`` of shape
     ``[1, tokens, head_dim]`` (with any RoPE scaling of the config applied);
-    they are applied with the rotate-half convention.
+    they are applied with the rotate-half convention. Models whose layers use
+    different RoPE tables (Gemma 3: ``sliding_attention`` vs
+    ``full_attention``) take the layer's type as a third argument.
     """
 
     rotary_emb: Any
+    layer_type: str | None = None
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary_emb(x, positions[None, :])
+        if self.layer_type is None:
+            cos, sin = self.rotary_emb(x, positions[None, :])
+        else:
+            cos, sin = self.rotary_emb(x, positions[None, :], self.layer_type)
         return apply_neox_rotary(x, cos[0].float(), sin[0].float())
 
 
@@ -64,10 +70,16 @@ def attention_projections(model: Any) -> list[AttentionProjection]:
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    rope = HfRotary(model.model.rotary_emb)
+    layer_types = getattr(config, "layer_types", None)
+    per_type = layer_types is not None and hasattr(
+        model.model.rotary_emb, f"{layer_types[0]}_inv_freq"
+    )
     projections = []
-    for layer in decoder_layers(model):
+    for index, layer in enumerate(decoder_layers(model)):
         attn = layer.self_attn
+        rope = HfRotary(
+            model.model.rotary_emb, layer_types[index] if per_type else None
+        )
         projections.append(
             AttentionProjection(
                 q_weight=attn.q_proj.weight.detach(),

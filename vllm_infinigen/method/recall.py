@@ -16,10 +16,12 @@ same paged path as the engine (a partial key cache with permuted block ids,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .calibration import AttentionProjection
 from .partial_cache import new_partial_key_cache, write_partial_keys
 from .scoring import block_scores
 from .selection import (
@@ -194,10 +196,13 @@ def evaluate_layer(
 
     Args:
         speculator: this layer's speculator.
-        prev_x: ``[tokens, hidden]`` the previous layer's attention input.
-        queries: ``[tokens, num_heads, head_dim]`` this layer's real queries.
-        keys: ``[tokens, num_kv_heads, head_dim]`` this layer's real keys.
-        eval_positions: ``[num_reqs]`` int64 decode positions.
+        prev_x: ``[num_reqs, hidden]`` the previous layer's attention input
+            at the decode positions.
+        queries: ``[num_reqs, num_heads, head_dim]`` this layer's real
+            post-RoPE queries at the decode positions.
+        keys: ``[tokens, num_kv_heads, head_dim]`` this layer's real
+            post-RoPE keys of the whole sequence.
+        eval_positions: ``[num_reqs]`` int64 decode positions, ``< tokens``.
         policy: selection policy.
         block_size: tokens per block.
         generator: drives the block permutation and the random baseline.
@@ -205,30 +210,99 @@ def evaluate_layer(
     scale = speculator.head_dim**-0.5
     seq_lens = eval_positions + 1
     num_reqs = eval_positions.shape[0]
-    q_spec = speculator.speculate(prev_x[eval_positions], eval_positions)
+    q_spec = speculator.speculate(prev_x, eval_positions)
     cache, table = build_paged_cache(
         speculator.partial_keys(keys), block_size, num_reqs, generator
     )
-    scores = block_scores(q_spec, cache, table, seq_lens, scale)
+    scores = block_scores(q_spec, cache, table, seq_lens, scale, policy.score_rule)
     chosen = select_blocks(scores, seq_lens, block_size, policy)
-    mass = attention_block_mass(
-        queries[eval_positions], keys, seq_lens, block_size, scale
-    )
+    mass = attention_block_mass(queries, keys, seq_lens, block_size, scale)
     counts = chosen.counts
     max_blocks = mass.shape[1]
+    oracle = oracle_selection(mass, seq_lens, block_size, counts)
+    rand = random_selection(max_blocks, seq_lens, block_size, counts, generator)
+    window = window_selection(
+        max_blocks, seq_lens, block_size, counts, policy.sink_blocks
+    )
     return LayerRecall(
         method=selection_mass(mass, chosen),
-        oracle=selection_mass(
-            mass, oracle_selection(mass, seq_lens, block_size, counts)
-        ),
-        random=selection_mass(
-            mass, random_selection(max_blocks, seq_lens, block_size, counts, generator)
-        ),
-        window=selection_mass(
-            mass,
-            window_selection(
-                max_blocks, seq_lens, block_size, counts, policy.sink_blocks
-            ),
-        ),
+        oracle=selection_mass(mass, oracle),
+        random=selection_mass(mass, rand),
+        window=selection_mass(mass, window),
         fraction=counts.double() / num_blocks_of(seq_lens, block_size).double(),
     )
+
+
+@dataclass(frozen=True, eq=False)
+class RecallInputs:
+    """One evaluation sequence, captured once and reused across settings.
+
+    Attributes:
+        attention_inputs: per layer ``[tokens, hidden]`` attention input ``x``.
+        queries: per layer ``[num_reqs, num_heads, head_dim]`` real post-RoPE
+            queries at ``eval_positions``.
+        keys: per layer ``[tokens, num_kv_heads, head_dim]`` real post-RoPE keys.
+        eval_positions: ``[num_reqs]`` int64 decode positions.
+    """
+
+    attention_inputs: list[torch.Tensor]
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    eval_positions: torch.Tensor
+
+    @classmethod
+    def from_attention_inputs(
+        cls,
+        projections: Sequence[AttentionProjection],
+        attention_inputs: list[torch.Tensor],
+        eval_positions: torch.Tensor,
+    ) -> RecallInputs:
+        """Recompute the real queries and keys from the captured inputs."""
+        tokens = attention_inputs[0].shape[0]
+        positions = torch.arange(tokens)
+        queries, keys = [], []
+        with torch.no_grad():
+            for proj, x in zip(projections, attention_inputs, strict=True):
+                queries.append(proj.queries(x[eval_positions], eval_positions).float())
+                keys.append(proj.keys(x, positions).float())
+        return cls(attention_inputs, queries, keys, eval_positions)
+
+
+def evaluate_recall(
+    speculators: Sequence[LayerSpeculator],
+    inputs: RecallInputs,
+    policy: SelectionPolicy,
+    block_size: int,
+    *,
+    first_layer: int = 1,
+    seed: int = 0,
+) -> dict[int, LayerRecall]:
+    """Recall of every speculated layer (layer ``L`` speculated from ``L-1``).
+
+    Args:
+        speculators: per layer.
+        inputs: the captured evaluation sequence.
+        policy: selection policy.
+        block_size: tokens per block.
+        first_layer: first speculated layer (earlier ones run dense).
+        seed: seeds the block permutation and the random baseline.
+
+    Returns:
+        ``{layer: LayerRecall}`` for layers ``first_layer..num_layers-1``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    pos = inputs.eval_positions
+    with torch.no_grad():
+        for layer in range(max(first_layer, 1), len(speculators)):
+            out[layer] = evaluate_layer(
+                speculators[layer],
+                inputs.attention_inputs[layer - 1][pos],
+                inputs.queries[layer],
+                inputs.keys[layer],
+                pos,
+                policy,
+                block_size,
+                generator,
+            )
+    return out

@@ -80,12 +80,14 @@ class NeoxRotary:
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions: [tokens]`` -> ``(cos, sin)``, each ``[tokens, head_dim]``."""
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float64)
+        exponent = torch.arange(
+            0, self.head_dim, 2, dtype=torch.float64, device=positions.device
+        )
         inv_freq = self.base ** (-exponent / self.head_dim)
         angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().float(), angles.sin().float()
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.tables(positions)
-        return apply_neox_rotary(x, cos.to(x.device), sin.to(x.device))
+        cos, sin = self.tables(positions.to(x.device))
+        return apply_neox_rotary(x, cos, sin)

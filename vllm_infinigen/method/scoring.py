@@ -7,7 +7,24 @@ tensor shapes, never on tensor values.
 
 from __future__ import annotations
 
+import enum
+import math
+
 import torch
+
+
+class BlockScoreRule(enum.Enum):
+    """How token scores become a block score (both in log/logit units).
+
+    ``MAX``: the largest scaled partial logit over the block's tokens and the
+    group's query heads (InfiniGen's token rule lifted to blocks).
+    ``LOG_MASS``: the log of the block's estimated attention mass: softmax of
+    each query head's partial logits over the request's tokens, summed over
+    the block, averaged over the group's query heads. ``<= 0``.
+    """
+
+    MAX = "max"
+    LOG_MASS = "log_mass"
 
 
 def block_scores(
@@ -16,12 +33,19 @@ def block_scores(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    rule: BlockScoreRule = BlockScoreRule.LOG_MASS,
 ) -> torch.Tensor:
     """Score every logical block of every request.
 
-    ``score[r, g, j] = scale * max over the valid tokens t of block j and over
-    the query heads h of KV head g of <q'[r, h], k'[t, g]>`` (logit units:
-    ``scale`` is the attention's softmax scale, usually ``head_dim ** -0.5``).
+    With ``l[r, h, t] = scale * <q'[r, h], k'[t, g]>`` (logit units: ``scale``
+    is the attention's softmax scale, usually ``head_dim ** -0.5``) for the
+    query heads ``h`` of KV head ``g`` and the valid tokens ``t`` of request
+    ``r``:
+
+    * ``MAX``: ``score[r, g, j] = max over t in block j, h in group g of
+      l[r, h, t]``;
+    * ``LOG_MASS``: ``score[r, g, j] = log(mean over h in group g of sum over
+      t in block j of softmax_t(l[r, h, :])[t])``.
 
     Args:
         query_partial: ``[num_reqs, num_heads, d_partial]`` speculated queries
@@ -34,6 +58,7 @@ def block_scores(
         seq_lens: ``[num_reqs]`` int tokens in each request's cache,
             ``1 <= seq_len <= max_blocks * block_size``.
         scale: multiplier applied to the dot products.
+        rule: see :class:`BlockScoreRule`.
 
     Returns:
         ``[num_reqs, num_kv_heads, max_blocks]`` float32; ``-inf`` for blocks
@@ -46,10 +71,15 @@ def block_scores(
     keys = partial_key_cache[block_table.clamp(min=0).long()]  # [R, M, B, kv, p]
     keys = keys.reshape(num_reqs, max_blocks * block_size, num_kv_heads, d_partial)
     q = query_partial.reshape(num_reqs, num_kv_heads, group, d_partial)
-    dots = torch.einsum("rkgp,rtkp->rkgt", q.float(), keys.float())
-    token_scores = dots.amax(dim=2) * scale  # [R, kv, tokens]
+    logits = torch.einsum("rkgp,rtkp->rkgt", q.float(), keys.float()) * scale
     positions = torch.arange(max_blocks * block_size, device=block_table.device)
     valid = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [R, T]
-    token_scores = token_scores.masked_fill(~valid[:, None, :], float("-inf"))
-    token_scores = token_scores.view(num_reqs, num_kv_heads, max_blocks, block_size)
-    return token_scores.amax(dim=-1)
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if rule is BlockScoreRule.MAX:
+        token_scores = logits.amax(dim=2)  # [R, kv, T]
+        blocks = token_scores.view(num_reqs, num_kv_heads, max_blocks, block_size)
+        return blocks.amax(dim=-1)
+    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_probs = log_probs.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
+    block_log_mass = torch.logsumexp(log_probs, dim=-1)  # [R, kv, G, M]
+    return torch.logsumexp(block_log_mass, dim=2) - math.log(group)

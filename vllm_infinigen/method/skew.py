@@ -93,16 +93,16 @@ def compute_skew(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         ``[num_kv_heads, head_dim, head_dim]`` float32, each orthogonal.
         Computed in float64 for accuracy and reproducibility.
     """
-    num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
+    num_kv_heads = keys.shape[1]
     q_grouped = group_queries(queries.to(torch.float64), num_kv_heads)
     k_heads = keys.to(torch.float64).transpose(0, 1)  # [kv, tokens, d]
-    rows = q_grouped.shape[1]
-    if rows < head_dim:  # zero rows keep V's span and give a square V
-        q_grouped = torch.nn.functional.pad(q_grouped, (0, 0, 0, head_dim - rows))
-    _, sing, vh = torch.linalg.svd(q_grouped, full_matrices=False)  # vh: [kv, d, d]
-    basis = vh.transpose(-1, -2)  # [kv, d, d], columns = right singular vectors
-    sigma = torch.zeros(num_kv_heads, head_dim, dtype=torch.float64)
-    sigma[:, : sing.shape[-1]] = sing
+    # V and S from the eigendecomposition of the small Gram matrix Q^T Q
+    # (float64: the squared condition number costs nothing that matters here;
+    # a tall SVD or QR of Q is 5-20x slower on CPU).
+    gram = q_grouped.transpose(-1, -2) @ q_grouped  # [kv, d, d]
+    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
+    sigma = eigvals.flip(-1).clamp(min=0).sqrt()  # [kv, d] descending
+    basis = eigvecs.flip(-1)  # [kv, d, d], columns = right singular vectors
     key_spread = torch.linalg.vector_norm(k_heads @ basis, dim=-2)  # [kv, d]
     importance = sigma * key_spread
     order = torch.argsort(importance, dim=-1, descending=True, stable=True)

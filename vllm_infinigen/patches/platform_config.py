@@ -8,7 +8,9 @@ is selected, it validates ``--additional-config '{"infinigen": {...}}'``
 (a ``ValueError`` naming the option stops start-up in the API server, before
 any engine process starts) and turns compilation and CUDA graphs off, like
 ``--enforce-eager``: the backend's per-layer speculation hooks run Python
-between layers, which a traced graph would bake in.
+between layers, which a traced graph would bake in. On CPU it also sizes the
+host tier (vLLM's KV cache) from ``host_pool_gib`` and, unless the user set
+``--block-size``, uses 32-token blocks (:data:`DEFAULT_CPU_BLOCK_SIZE`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,35 @@ def _force_eager(vllm_config: Any) -> None:
     compilation.cudagraph_capture_sizes = []
 
 
+#: KV block size INFINIGEN uses on CPU when the user sets none (vLLM's CPU
+#: default is 128). Selection works per block, so smaller blocks select more
+#: precisely; 32 is the smallest the CPU kernels take (multiples of 32).
+#: Source: benchmarks/results/recall.json (recall vs block size).
+DEFAULT_CPU_BLOCK_SIZE = 32
+
+
+def _apply_memory_and_blocks(vllm_config: Any, config: InfiniGenConfig) -> None:
+    from vllm.platforms import current_platform
+
+    cache_config = vllm_config.cache_config
+    if current_platform.is_cpu():
+        if not cache_config.user_specified_block_size:
+            cache_config.block_size = DEFAULT_CPU_BLOCK_SIZE
+        if config.host_pool_gib is not None:
+            # On CPU the host tier is vLLM's own paged cache: size it.
+            cache_config.kv_cache_memory_bytes = int(config.host_pool_gib * (1 << 30))
+
+
+WORKER_EXTENSION = "vllm_infinigen.engine.worker_extension.InfiniGenWorkerExtension"
+
+
+def _add_worker_extension(vllm_config: Any) -> None:
+    """Expose the counters through ``collective_rpc("infinigen_stats")``."""
+    parallel = vllm_config.parallel_config
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = WORKER_EXTENSION
+
+
 def validate(vllm_config: Any) -> InfiniGenConfig:
     """Parse and validate our options against the model. Raises ValueError."""
     config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
@@ -71,8 +102,10 @@ def apply() -> bool:
     def check_and_update_config(cls: type, vllm_config: Any) -> None:
         original(cls, vllm_config)
         if infinigen_selected(vllm_config):
-            validate(vllm_config)
+            config = validate(vllm_config)
             _force_eager(vllm_config)
+            _apply_memory_and_blocks(vllm_config, config)
+            _add_worker_extension(vllm_config)
         elif (
             isinstance(vllm_config.additional_config, dict)
             and ADDITIONAL_CONFIG_KEY in vllm_config.additional_config

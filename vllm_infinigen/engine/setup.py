@@ -1,0 +1,128 @@
+"""Wiring INFINIGEN into a loaded vLLM model (called after ``load_model``).
+
+Decides which attention layers are sparse, calibrates them, and installs the
+one-layer-ahead hooks: a forward pre-hook on layer ``L-1``'s ``qkv_proj``
+(its input is ``L-1``'s attention input after the input layernorm) runs
+layer ``L``'s speculation and starts its swap-in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType
+
+from vllm_infinigen.config import InfiniGenConfig
+from vllm_infinigen.engine.runtime import (
+    InfiniGenRuntime,
+    LayerInfo,
+    PreHook,
+    set_runtime,
+)
+
+logger = init_logger("vllm.infinigen.setup")
+
+
+def _previous_qkv_name(layer_name: str, index: int) -> str:
+    """``model.layers.5.self_attn.attn`` -> ``model.layers.4.self_attn.qkv_proj``."""
+    parts = layer_name.split(".")
+    position = parts.index(str(index))
+    parts[position] = str(index - 1)
+    parts[-1] = "qkv_proj"
+    return ".".join(parts)
+
+
+def classify_layers(
+    model: torch.nn.Module, attention_layers: dict[str, Any], config: InfiniGenConfig
+) -> dict[int, LayerInfo]:
+    """One :class:`LayerInfo` per attention layer, sparse or dense with why."""
+    modules = dict(model.named_modules())
+    infos: dict[int, LayerInfo] = {}
+    for name, attn in attention_layers.items():
+        index = extract_layer_index(name)
+        impl = attn.impl
+        reason = ""
+        if getattr(attn, "attn_type", AttentionType.DECODER) != AttentionType.DECODER:
+            reason = "not decoder self-attention"
+        elif index == 0:
+            reason = "first layer (no previous layer to speculate from)"
+        elif index in config.dense_layers:
+            reason = "listed in dense_layers"
+        elif getattr(impl, "sliding_window", -1) not in (-1, None):
+            reason = "sliding-window layer"
+        elif _previous_qkv_name(name, index) not in modules:
+            reason = "previous layer has no qkv_proj to hook"
+        infos[index] = LayerInfo(
+            index=index,
+            name=name,
+            scale=float(impl.scale),
+            sparse=not reason,
+            reason=reason,
+        )
+    return infos
+
+
+def _make_hook(runtime: InfiniGenRuntime, target: LayerInfo) -> PreHook:
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if not is_forward_context_available():
+            return
+        all_metadata = get_forward_context().attn_metadata
+        if not isinstance(all_metadata, dict):
+            return
+        meta = all_metadata.get(target.name)
+        num_decodes = getattr(meta, "num_decodes", 0)
+        if not num_decodes:
+            return
+        rows = meta.decode_req_idx
+        runtime.speculate_and_swap(
+            target,
+            args[0][meta.decode_token_idx],
+            meta.block_table[rows],
+            meta.seq_lens[rows],
+            meta.max_decode_seq_len,
+            extra_slots=meta.num_prefill_blocks,
+        )
+
+    return hook
+
+
+def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:
+    """Build this worker's runtime for ``model`` and install its hooks."""
+    from vllm_infinigen.engine.calibration import calibrate_model
+
+    config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise ValueError(
+            "--attention-backend infinigen supports tensor_parallel_size=1 and "
+            "pipeline_parallel_size=1 in this version"
+        )
+    attention_layers = {
+        name: layer
+        for name, layer in vllm_config.compilation_config.static_forward_context.items()
+        if hasattr(layer, "impl") and hasattr(layer, "layer_name")
+    }
+    infos = classify_layers(model, attention_layers, config)
+    sparse = sorted(i for i, info in infos.items() if info.sparse)
+    dense = {i: info.reason for i, info in sorted(infos.items()) if not info.sparse}
+    logger.info("INFINIGEN sparse layers %s; dense layers %s", sparse, dense)
+    speculators = calibrate_model(vllm_config.model_config.model, config, sparse)
+    runtime = InfiniGenRuntime(
+        config,
+        infos,
+        speculators,
+        block_size=vllm_config.cache_config.block_size,
+        swap_mode=config.swap_mode,
+    )
+    modules = dict(model.named_modules())
+    for index in sparse:
+        info = infos[index]
+        qkv = modules[_previous_qkv_name(info.name, index)]
+        qkv.register_forward_pre_hook(_make_hook(runtime, info))
+    set_runtime(runtime)
+    return runtime
