@@ -63,7 +63,7 @@ def run_child(args: argparse.Namespace) -> None:
         kwargs["additional_config"] = {"infinigen": json.loads(args.options)}
     llm = LLM(
         model=model,
-        dtype="bfloat16",
+        dtype=args.dtype,
         max_model_len=args.context + args.decode_tokens + 16,
         max_num_batched_tokens=2048,
         enable_prefix_caching=True,
@@ -78,9 +78,7 @@ def run_child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     outs = llm.generate(
         prompts,
-        SamplingParams(
-            max_tokens=args.decode_tokens, temperature=0, ignore_eos=True
-        ),
+        SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True),
     )
     wall = time.perf_counter() - start
     first = max(o.metrics.first_token_ts for o in outs)  # type: ignore[union-attr]
@@ -101,31 +99,26 @@ def run_child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def kv_bytes_per_step_dense(model: str, context: int, batch: int) -> int:
-    """Bytes dense attention reads per decode step (K and V, all layers)."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    layers = config["num_hidden_layers"]
-    kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // config[
-        "num_attention_heads"
-    ]
-    return 2 * layers * kv_heads * head_dim * 2 * context * batch  # bf16
-
-
 def summarise(dense: dict[str, Any], ours: dict[str, Any], model: str) -> dict:
+    """Ratios of one configuration, KV bytes counted in whole blocks.
+
+    Per decode step, dense attention reads every block of every request in
+    every layer; INFINIGEN reads its selected blocks in sparse layers and
+    every block in its dense layers (layer 0, ``dense_layers``).
+    """
     stats = ours["stats"]
     total = stats["total"]
-    steps_per_layer = max(
-        (layer["steps"] for layer in stats["layers"].values()), default=0
-    )
-    sparse_layers = len(stats["layers"])
+    layers = stats["layers"]
     config = json.loads((Path(model) / "config.json").read_text())
-    dense_layers = config["num_hidden_layers"] - sparse_layers
-    dense_bytes = kv_bytes_per_step_dense(model, ours["context"], ours["batch"])
-    per_layer_dense = dense_bytes / config["num_hidden_layers"]
+    num_layers = config["num_hidden_layers"]
+    sparse_layers = len(layers)
+    steps = max((layer["steps"] for layer in layers.values()), default=0)
+    block_bytes = stats["block_bytes"]
+    blocks_per_layer_step = total["blocks_total"] / max(steps * sparse_layers, 1)
+    dense_bytes = blocks_per_layer_step * block_bytes * num_layers
     ours_bytes = (
-        total["bytes_swapped"] / max(steps_per_layer, 1)
-        + dense_layers * per_layer_dense
+        total["blocks_selected"] / max(steps, 1) * block_bytes
+        + (num_layers - sparse_layers) * blocks_per_layer_step * block_bytes
     )
     agree = [
         _prefix(a, b)
@@ -137,12 +130,15 @@ def summarise(dense: dict[str, Any], ours: dict[str, Any], model: str) -> dict:
         "dense_tok_s": dense["decode_tok_s"],
         "infinigen_tok_s": ours["decode_tok_s"],
         "speedup": ours["decode_tok_s"] / dense["decode_tok_s"],
-        "dense_bytes_per_step": dense_bytes,
-        "infinigen_bytes_per_step": ours_bytes,
-        "bytes_ratio": ours_bytes / dense_bytes,
+        "dense_kv_bytes_per_step": dense_bytes,
+        "infinigen_kv_bytes_per_step": ours_bytes,
+        "bytes_ratio": ours_bytes / max(dense_bytes, 1),
+        "swapped_bytes_per_token": total["bytes_swapped"]
+        / max(ours["decode_tokens"], 1),
         "selection_fraction": total["selection_fraction"],
         "speculation_share": total["speculation_s"] / max(ours["decode_s"], 1e-9),
         "swap_share": total["swap_s"] / max(ours["decode_s"], 1e-9),
+        "attention_share": total["attention_s"] / max(ours["decode_s"], 1e-9),
         "greedy_prefix_agreement": sum(agree) / len(agree),
     }
 
@@ -172,6 +168,8 @@ def launch(args: argparse.Namespace, engine: str, context: int, batch: int) -> d
         str(args.decode_tokens),
         "--options",
         args.options,
+        "--dtype",
+        args.dtype,
     ]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
@@ -193,10 +191,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     labels = [f"{r['context'] // 1024}K x{r['batch']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = range(len(rows))
-    axes[0].bar([i - 0.2 for i in x], [r["dense_tok_s"] for r in rows], 0.4,
-                label="dense")
-    axes[0].bar([i + 0.2 for i in x], [r["infinigen_tok_s"] for r in rows], 0.4,
-                label="INFINIGEN")
+    axes[0].bar(
+        [i - 0.2 for i in x], [r["dense_tok_s"] for r in rows], 0.4, label="dense"
+    )
+    axes[0].bar(
+        [i + 0.2 for i in x],
+        [r["infinigen_tok_s"] for r in rows],
+        0.4,
+        label="INFINIGEN",
+    )
     axes[0].set_xticks(list(x), labels)
     axes[0].set_ylabel("decode tokens/s")
     axes[0].legend()
@@ -218,6 +221,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--options", default="{}", help="JSON infinigen options")
+    parser.add_argument("--dtype", default="float32", help="float32 on AVX2 CPUs")
     parser.add_argument("--quick", action="store_true", help="2K context, batch 1")
     parser.add_argument("--out", default=str(RESULTS / "decode.json"))
     args = parser.parse_args()
@@ -245,8 +249,12 @@ def main() -> None:
         r.pop("token_ids", None)
     out.write_text(
         json.dumps(
-            {"model": args.model, "options": json.loads(args.options),
-             "rows": rows, "runs": raw},
+            {
+                "model": args.model,
+                "options": json.loads(args.options),
+                "rows": rows,
+                "runs": raw,
+            },
             indent=2,
         )
     )

@@ -5,10 +5,11 @@ calibration text (Python standard library source), evaluates on a different
 text (the public-domain book excerpt in ``../shared/data``), and reports per
 layer the share of the true attention mass that the speculated block set
 holds, next to the oracle, random and sink+recent-window sets of the same
-size. Writes ``benchmarks/results/recall.json`` and ``recall.png``:
+size. Writes ``benchmarks/results/recall.json`` and ``recall.png`` (``--quick``:
+``recall_quick.json`` and ``recall_quick.png``):
 
-    python benchmarks/recall.py            # full grid (~5 min on 2 cores)
-    python benchmarks/recall.py --quick    # a few settings (~2 min)
+    python benchmarks/recall.py            # full grid (2-7 min on 2 cores)
+    python benchmarks/recall.py --quick    # headline settings (~2 min)
 
 Every decode request is one of the last ``--positions`` tokens of the
 evaluation text, scored through the paged path (permuted block table) as the

@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
     parser.add_argument(
+        "--dtype", default="float32", help="float32: no native bf16 on AVX2 CPUs"
+    )
+    parser.add_argument(
         "--block-size", type=int, default=32, help="same for every engine compared"
     )
     parser.add_argument("--infinigen", default="{}", help="JSON infinigen options")
@@ -42,7 +45,7 @@ def main() -> None:
         kwargs["additional_config"] = {"infinigen": json.loads(args.infinigen)}
     llm = LLM(
         model=args.model,
-        dtype="bfloat16",
+        dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=True,

@@ -54,7 +54,12 @@ def run_engine(
         str(max_model_len),
         *(["--stats"] if stats else []),
     ]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
+    # In-process engine core: requests reach the scheduler together, so batch
+    # composition (and with it float summation order) is the same run to run;
+    # with a separate engine process two dense runs can already differ.
+    env = dict(
+        os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0"
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -29,6 +29,8 @@ def server(
         "2048",
         "--block-size",
         "32",
+        "--dtype",
+        "float32",
         "--additional-config",
         json.dumps({"infinigen": {"budget": 0.3}}),
     ]

@@ -156,7 +156,7 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         vllm_config = get_current_vllm_config()
-        self.model_dtype = vllm_config.model_config.dtype
+        self.model_dtype: torch.dtype = vllm_config.model_config.dtype  # type: ignore[assignment]
         self.infinigen_config = InfiniGenConfig.from_additional_config(
             vllm_config.additional_config
         )

@@ -175,7 +175,9 @@ class InfiniGenRuntime:
         speculator = self.speculators[layer.index]
         positions = (seq_lens - 1).long()
         query = speculator.speculate(x, positions)
-        scores = block_scores(query, cache, table, seq_lens, layer.scale)
+        scores = block_scores(
+            query, cache, table, seq_lens, layer.scale, self.policy.score_rule
+        )
         selection = select_blocks(scores, seq_lens, self.block_size, self.policy)
         plan = plan_staging(selection, table, seq_lens, self.block_size)
         count_selected_blocks(self.counters[layer.index], table, selection)

@@ -18,6 +18,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from vllm_infinigen.config import InfiniGenConfig
+from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata
 from vllm_infinigen.engine.runtime import (
     InfiniGenRuntime,
     LayerInfo,
@@ -75,8 +76,7 @@ def _make_hook(runtime: InfiniGenRuntime, target: LayerInfo) -> PreHook:
         if not isinstance(all_metadata, dict):
             return
         meta = all_metadata.get(target.name)
-        num_decodes = getattr(meta, "num_decodes", 0)
-        if not num_decodes:
+        if not isinstance(meta, InfiniGenCPUMetadata) or not meta.num_decodes:
             return
         rows = meta.decode_req_idx
         runtime.speculate_and_swap(
