@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_infinigen.patches import _version, cpu_backend_selection, platform_config
+from vllm_infinigen.patches import (
+    _version,
+    cpu_backend_selection,
+    model_load,
+    platform_config,
+)
 
 
-@pytest.mark.parametrize("patch", [cpu_backend_selection, platform_config])
+@pytest.mark.parametrize("patch", [cpu_backend_selection, platform_config, model_load])
 def test_patch_refuses_unknown_vllm(
     monkeypatch: pytest.MonkeyPatch, patch: object
 ) -> None:
@@ -22,7 +27,6 @@ def test_patch_refuses_unknown_vllm(
 
 
 def test_patches_apply_once() -> None:
-    cpu_backend_selection.apply()
-    platform_config.apply()
-    assert cpu_backend_selection.apply() is False
-    assert platform_config.apply() is False
+    for patch in (cpu_backend_selection, platform_config, model_load):
+        patch.apply()
+        assert patch.apply() is False

@@ -95,12 +95,18 @@ def test_chat_and_streaming_agree(server: Server) -> None:
     text = reply.choices[0].message.content or ""
     assert "5" in text
 
+    messages = [{"role": "user", "content": "Describe Python in one sentence."}]
+    reply = client.chat.completions.create(
+        model=SERVED_NAME, messages=messages, max_tokens=16, temperature=0
+    )
+    text = reply.choices[0].message.content or ""
     stream = client.chat.completions.create(
-        model=SERVED_NAME, messages=messages, max_tokens=12, temperature=0, stream=True
+        model=SERVED_NAME, messages=messages, max_tokens=16, temperature=0, stream=True
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len([p for p in pieces if p]) > 1
     assert "".join(pieces) == text
+    assert "Python" in text
 
 
 @pytest.mark.parametrize(
