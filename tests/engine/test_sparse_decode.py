@@ -101,3 +101,5 @@ def test_only_a_fraction_of_blocks_moved(runs: dict[str, Any]) -> None:
     assert 0.0 < total["selection_fraction"] < 0.5, total
     assert total["bytes_swapped"] > 0
     assert "sparse swap-in decode" in runs["log"]
+    # Every swap-in started one layer ahead was consumed by its layer.
+    assert runs["sparse"]["stats"]["pending_swaps"] == 0

@@ -254,6 +254,7 @@ def stats_snapshot() -> dict[str, object]:
         return {}
     snapshot = runtime.stats.snapshot()
     snapshot["staging_peak_blocks"] = runtime.copier.staging.peak_blocks
+    snapshot["pending_swaps"] = len(runtime.pending)
     snapshot["partial_cache_bytes"] = sum(
         c.numel() * c.element_size() for c in runtime.partial_caches.values()
     )
