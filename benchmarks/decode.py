@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -250,6 +251,9 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
+                "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "dtype": args.dtype,
                 "model": args.model,
                 "options": json.loads(args.options),
                 "rows": rows,

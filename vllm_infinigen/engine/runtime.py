@@ -31,7 +31,12 @@ from vllm_infinigen.engine.stats import EngineStats
 from vllm_infinigen.method.counters import count_selected_blocks, new_selection_counters
 from vllm_infinigen.method.partial_cache import write_partial_keys
 from vllm_infinigen.method.scoring import block_scores
-from vllm_infinigen.method.selection import SelectionPolicy, select_blocks
+from vllm_infinigen.method.selection import (
+    SelectionPolicy,
+    num_blocks_of,
+    select_blocks,
+    selection_from_mask,
+)
 from vllm_infinigen.method.speculator import LayerSpeculator
 
 logger = init_logger("vllm.infinigen.runtime")
@@ -172,13 +177,20 @@ class InfiniGenRuntime:
         start = time.perf_counter()
         width = (max_seq_len + self.block_size - 1) // self.block_size
         table = block_table[:, :width]
-        speculator = self.speculators[layer.index]
-        positions = (seq_lens - 1).long()
-        query = speculator.speculate(x, positions)
-        scores = block_scores(
-            query, cache, table, seq_lens, layer.scale, self.policy.score_rule
-        )
-        selection = select_blocks(scores, seq_lens, self.block_size, self.policy)
+        if self._selects_everything(width):
+            # Every block would be chosen (full budget, or no request longer
+            # than its forced sink + recent blocks): skip the scoring.
+            valid = torch.arange(width, device=table.device)[None, :]
+            selection = selection_from_mask(
+                valid < num_blocks_of(seq_lens, self.block_size)[:, None]
+            )
+        else:
+            speculator = self.speculators[layer.index]
+            query = speculator.speculate(x, (seq_lens - 1).long())
+            scores = block_scores(
+                query, cache, table, seq_lens, layer.scale, self.policy.score_rule
+            )
+            selection = select_blocks(scores, seq_lens, self.block_size, self.policy)
         plan = plan_staging(selection, table, seq_lens, self.block_size)
         count_selected_blocks(self.counters[layer.index], table, selection)
         host = self.host_caches[layer.index]
@@ -194,6 +206,14 @@ class InfiniGenRuntime:
         stats.blocks_total += plan.dense_blocks
         stats.blocks_selected += plan.total_blocks
         stats.bytes_swapped += plan.total_blocks * self.stats.block_bytes
+
+    def _selects_everything(self, width: int) -> bool:
+        """Whether selection keeps every block of requests ``width`` blocks
+        long or shorter (``width``: the longest decode request's blocks)."""
+        policy = self.policy
+        if self.config.is_exact:
+            return True
+        return width <= policy.sink_blocks + policy.recent_blocks
 
     def take(self, layer_index: int) -> PendingSwap | None:
         """This step's swap-in for a layer (removed: each is used once)."""

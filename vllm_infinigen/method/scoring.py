@@ -8,7 +8,6 @@ tensor shapes, never on tensor values.
 from __future__ import annotations
 
 import enum
-import math
 
 import torch
 
@@ -65,21 +64,42 @@ def block_scores(
         past a request's end.
     """
     num_reqs, max_blocks = block_table.shape
-    _, block_size, num_kv_heads, d_partial = partial_key_cache.shape
+    num_blocks, block_size, num_kv_heads, d_partial = partial_key_cache.shape
     num_heads = query_partial.shape[1]
     group = num_heads // num_kv_heads
-    keys = partial_key_cache[block_table.clamp(min=0).long()]  # [R, M, B, kv, p]
-    keys = keys.reshape(num_reqs, max_blocks * block_size, num_kv_heads, d_partial)
-    q = query_partial.reshape(num_reqs, num_kv_heads, group, d_partial)
-    logits = torch.einsum("rkgp,rtkp->rkgt", q.float(), keys.float()) * scale
-    positions = torch.arange(max_blocks * block_size, device=block_table.device)
-    valid = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [R, T]
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    tokens = max_blocks * block_size
+    device = block_table.device
+    if tokens == 0:
+        return torch.full(
+            (num_reqs, num_kv_heads, 0), float("-inf"), device=device
+        )
+    # Gather the requests' partial keys, one contiguous row per block (one
+    # memcpy-like pass; advanced indexing or a head-major permute is several
+    # times slower on CPU): [R, T, kv * p].
+    flat = partial_key_cache.reshape(num_blocks, block_size * num_kv_heads * d_partial)
+    ids = block_table.reshape(-1).clamp(min=0).long()
+    keys = torch.empty(
+        (ids.shape[0], flat.shape[1]), dtype=flat.dtype, device=device
+    )
+    torch.index_select(flat, 0, ids, out=keys)
+    keys = keys.view(num_reqs, tokens, num_kv_heads * d_partial).float()
+    # One batched GEMM per KV head (its query heads against its channels),
+    # tokens last so the reductions below read contiguous memory.
+    q = query_partial.float().reshape(num_reqs, num_kv_heads, group, d_partial)
+    logits = torch.empty((num_reqs, num_kv_heads, group, tokens), device=device)
+    for head in range(num_kv_heads):
+        channels = keys[:, :, head * d_partial : (head + 1) * d_partial]
+        torch.bmm(q[:, head] * scale, channels.transpose(1, 2), out=logits[:, head])
+    logits = logits.view(num_reqs, num_heads, tokens)
+    positions = torch.arange(tokens, device=device)
+    invalid = positions[None, :] >= seq_lens[:, None].to(positions.dtype)  # [R, T]
+    # An additive -inf mask: a broadcast add is much cheaper than a
+    # broadcast masked_fill on CPU.
+    bias = torch.zeros((num_reqs, 1, tokens), device=device)
+    logits.add_(bias.masked_fill_(invalid[:, None, :], float("-inf")))
     if rule is BlockScoreRule.MAX:
-        token_scores = logits.amax(dim=2)  # [R, kv, T]
-        blocks = token_scores.view(num_reqs, num_kv_heads, max_blocks, block_size)
-        return blocks.amax(dim=-1)
-    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    log_probs = log_probs.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
-    block_log_mass = torch.logsumexp(log_probs, dim=-1)  # [R, kv, G, M]
-    return torch.logsumexp(block_log_mass, dim=2) - math.log(group)
+        blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
+        return blocks.amax(dim=4).amax(dim=2)
+    probs = torch.softmax(logits, dim=-1)  # every seq_len >= 1: no NaN rows
+    mass = probs.view(num_reqs, num_kv_heads, group, max_blocks, block_size).sum(4)
+    return mass.mean(dim=2).log()
