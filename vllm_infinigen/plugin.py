@@ -53,6 +53,7 @@ def register() -> None:
 
     from vllm_infinigen.patches import (
         cpu_backend_selection,
+        kv_memory,
         model_load,
         platform_config,
     )
@@ -61,4 +62,5 @@ def register() -> None:
     if current_platform.is_cpu():
         cpu_backend_selection.apply()
         model_load.apply()
+        kv_memory.apply()
     platform_config.apply()

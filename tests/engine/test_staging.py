@@ -81,6 +81,22 @@ def test_copier_round_trip(mode: str) -> None:
         copier.shutdown()
 
 
+@pytest.mark.parametrize("mode", BlockCopier.MODES)
+def test_copier_under_inference_mode(mode: str) -> None:
+    """vLLM runs the forward under inference mode: the staging buffers are
+    inference tensors, which a worker thread must still be able to fill."""
+    host = torch.randn(8, 2, BLOCK, 4)
+    copier = BlockCopier(mode)
+    try:
+        src = torch.tensor([3, 1], dtype=torch.long)
+        with torch.inference_mode():
+            for layer in range(2):
+                staging = copier.submit(layer, host, src).wait()
+                assert torch.equal(staging[:2], host[src])
+    finally:
+        copier.shutdown()
+
+
 def test_copier_rejects_unknown_mode() -> None:
     with pytest.raises(ValueError, match="copier mode"):
         BlockCopier("teleport")

@@ -7,12 +7,15 @@ import pytest
 from vllm_infinigen.patches import (
     _version,
     cpu_backend_selection,
+    kv_memory,
     model_load,
     platform_config,
 )
 
+ALL_PATCHES = [cpu_backend_selection, platform_config, model_load, kv_memory]
 
-@pytest.mark.parametrize("patch", [cpu_backend_selection, platform_config, model_load])
+
+@pytest.mark.parametrize("patch", ALL_PATCHES)
 def test_patch_refuses_unknown_vllm(
     monkeypatch: pytest.MonkeyPatch, patch: object
 ) -> None:
@@ -27,6 +30,6 @@ def test_patch_refuses_unknown_vllm(
 
 
 def test_patches_apply_once() -> None:
-    for patch in (cpu_backend_selection, platform_config, model_load):
+    for patch in ALL_PATCHES:
         patch.apply()
         assert patch.apply() is False

@@ -62,12 +62,22 @@ def _healthy(port: int) -> bool:
 
 @contextlib.contextmanager
 def running_server(
-    model: Path, extra: Sequence[str], log_path: Path, startup_timeout: float = 600
+    model: Path,
+    extra: Sequence[str],
+    log_path: Path,
+    startup_timeout: float = 600,
+    kv_cache_space: str | None = "2",
 ) -> Iterator[Server]:
-    """Yield a healthy server; SIGINT it afterwards and wait for it to exit."""
+    """Yield a healthy server; SIGINT it afterwards and wait for it to exit.
+
+    ``kv_cache_space``: ``VLLM_CPU_KVCACHE_SPACE`` in GiB, or ``None`` for
+    vLLM's automatic KV cache size (the variable removed).
+    """
     port = free_port()
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    if kv_cache_space is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = kv_cache_space
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             serve_command(model, port, extra),

@@ -79,8 +79,12 @@ def _copy_blocks(
 ) -> float:
     start = time.perf_counter()
     total = src_block_ids.numel()
-    if total:
-        torch.index_select(host, 0, src_block_ids, out=staging[:total])
+    # vLLM runs the model under inference mode, and the staging buffers are
+    # made there; a worker thread starts outside it, where writing into an
+    # inference tensor is refused.
+    with torch.inference_mode():
+        if total:
+            torch.index_select(host, 0, src_block_ids, out=staging[:total])
     return time.perf_counter() - start
 
 

@@ -70,17 +70,13 @@ def block_scores(
     tokens = max_blocks * block_size
     device = block_table.device
     if tokens == 0:
-        return torch.full(
-            (num_reqs, num_kv_heads, 0), float("-inf"), device=device
-        )
+        return torch.full((num_reqs, num_kv_heads, 0), float("-inf"), device=device)
     # Gather the requests' partial keys, one contiguous row per block (one
     # memcpy-like pass; advanced indexing or a head-major permute is several
     # times slower on CPU): [R, T, kv * p].
     flat = partial_key_cache.reshape(num_blocks, block_size * num_kv_heads * d_partial)
     ids = block_table.reshape(-1).clamp(min=0).long()
-    keys = torch.empty(
-        (ids.shape[0], flat.shape[1]), dtype=flat.dtype, device=device
-    )
+    keys = torch.empty((ids.shape[0], flat.shape[1]), dtype=flat.dtype, device=device)
     torch.index_select(flat, 0, ids, out=keys)
     keys = keys.view(num_reqs, tokens, num_kv_heads * d_partial).float()
     # One batched GEMM per KV head (its query heads against its channels),

@@ -1,0 +1,107 @@
+"""Leave room for INFINIGEN's device tier when vLLM sizes the CPU KV cache.
+
+Touches: ``vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory``
+(vLLM 0.32). With no explicit size (no ``--kv-cache-memory-bytes``,
+``VLLM_CPU_KVCACHE_SPACE`` or ``host_pool_gib``) vLLM gives the KV cache all
+the memory the worker may use (``--gpu-memory-utilization`` of the node)
+minus what the process already holds. INFINIGEN then adds, per sparse layer,
+a partial-key cache indexed by the same block ids and two staging buffers;
+without room for them the first long request pushes the worker past the
+node's memory. The wrapper shrinks the automatic size so that the host tier,
+the partial keys and the staging buffers together fit in what vLLM would
+have given the KV cache alone. An explicit size is the user's host-tier size
+and is kept; the device tier comes on top of it (the start-up log says how
+much).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm_infinigen.patches._version import require_vllm
+from vllm_infinigen.patches.platform_config import infinigen_selected
+
+PATCH_NAME = "kv_memory"
+TOUCHES = "vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory"
+_MARK = "_vllm_infinigen_patched"
+
+
+def device_tier_share(num_layers: int, head_dim: int, partial_dims: list[int]) -> float:
+    """Device-tier bytes per byte of host-tier KV cache.
+
+    Per block, the host tier holds keys and values of every attention layer
+    (``num_layers * 2 * head_dim`` numbers per token and KV head); the partial
+    key cache holds ``d_partial`` numbers per token and KV head for each sparse
+    layer (``partial_dims``), in the same dtype. Each of the two staging
+    buffers is bounded by one layer's share of the cache (a step never stages
+    more than every block of one layer), so they add ``2 / num_layers``.
+
+    Args:
+        num_layers: attention layers of the model (sparse and dense).
+        head_dim: the layers' head size.
+        partial_dims: ``d_partial`` of every sparse layer.
+    """
+    if num_layers <= 0 or head_dim <= 0:
+        raise ValueError("num_layers and head_dim must be positive")
+    partial = sum(partial_dims) / (num_layers * 2 * head_dim)
+    staging = 2 / num_layers if partial_dims else 0.0
+    return partial + staging
+
+
+def host_tier_bytes(auto_bytes: int, share: float) -> int:
+    """The host-tier size that leaves room for a device tier of ``share``."""
+    return int(auto_bytes / (1.0 + share))
+
+
+def apply() -> bool:
+    """Wrap the method once per process. Returns True if newly applied."""
+    require_vllm(PATCH_NAME, TOUCHES)
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    original = CPUWorker.determine_available_memory
+    if getattr(original, _MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def determine_available_memory(self: Any) -> int:
+        explicit = self.cache_config.kv_cache_memory_bytes is not None
+        size = int(original(self))
+        if not infinigen_selected(self.vllm_config):
+            return size
+        from vllm.logger import init_logger
+
+        from vllm_infinigen.engine.runtime import get_runtime
+
+        logger = init_logger("vllm.infinigen.memory")
+        runtime = get_runtime()
+        if runtime is None or not runtime.speculators:
+            return size
+        first = next(iter(runtime.speculators.values()))
+        share = device_tier_share(
+            len(runtime.layers),
+            first.head_dim,
+            [s.d_partial for s in runtime.speculators.values()],
+        )
+        gib = float(1 << 30)
+        if explicit:
+            logger.info(
+                "INFINIGEN host tier %.2f GiB (explicit); device tier up to "
+                "%.2f GiB on top (partial keys and staging)",
+                size / gib,
+                size * share / gib,
+            )
+            return size
+        host = host_tier_bytes(size, share)
+        logger.info(
+            "INFINIGEN host tier %.2f GiB of vLLM's automatic %.2f GiB KV cache "
+            "size: the rest (up to %.2f GiB) is left for partial keys and staging",
+            host / gib,
+            size / gib,
+            host * share / gib,
+        )
+        return host
+
+    setattr(determine_available_memory, _MARK, True)
+    CPUWorker.determine_available_memory = determine_available_memory  # type: ignore[method-assign]
+    return True
