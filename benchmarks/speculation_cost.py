@@ -3,7 +3,7 @@
 Times the stages ``InfiniGenRuntime.speculate_and_swap`` runs for one layer
 and one decode step (speculated query, block scores, selection, staging plan,
 counters, block copy into staging) on Qwen2.5-Coder-0.5B's shapes (14 query
-heads, 2 KV heads, head_dim 64, hidden 896, 19 partial channels) with random
+heads, 2 KV heads, head_dim 64, hidden 896, 20 partial channels) with random
 tensors, single-threaded like vLLM's CPU worker, next to one pass of reading
 the layer's whole K/V of the batch (what dense attention must at least do).
 Writes ``benchmarks/results/speculation_cost.json``:
@@ -34,7 +34,7 @@ from vllm_infinigen.method.skew import LayerSkew
 from vllm_infinigen.method.speculator import LayerSpeculator
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, D_PARTIAL = 896, 14, 2, 64, 19
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, D_PARTIAL = 896, 14, 2, 64, 20
 
 
 def _time_ms(fn: Callable[[], Any], repeats: int) -> float:

@@ -8,9 +8,9 @@ from vllm_infinigen.patches.kv_memory import device_tier_share, host_tier_bytes
 
 
 def test_share_of_qwen_shapes() -> None:
-    # 24 layers, head_dim 64, 23 sparse layers of 19 partial channels.
-    share = device_tier_share(24, 64, [19] * 23)
-    partial = 23 * 19 / (24 * 2 * 64)
+    # 24 layers, head_dim 64, 23 sparse layers of 20 partial channels.
+    share = device_tier_share(24, 64, [20] * 23)
+    partial = 23 * 20 / (24 * 2 * 64)
     assert share == pytest.approx(partial + 2 / 24)
 
 
