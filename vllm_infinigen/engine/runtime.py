@@ -33,9 +33,9 @@ from vllm_infinigen.method.partial_cache import write_partial_keys
 from vllm_infinigen.method.scoring import block_scores
 from vllm_infinigen.method.selection import (
     SelectionPolicy,
-    num_blocks_of,
     select_blocks,
     selection_from_mask,
+    valid_blocks,
 )
 from vllm_infinigen.method.speculator import LayerSpeculator
 
@@ -180,9 +180,8 @@ class InfiniGenRuntime:
         if self._selects_everything(width):
             # Every block would be chosen (full budget, or no request longer
             # than its forced sink + recent blocks): skip the scoring.
-            valid = torch.arange(width, device=table.device)[None, :]
             selection = selection_from_mask(
-                valid < num_blocks_of(seq_lens, self.block_size)[:, None]
+                valid_blocks(seq_lens, self.block_size, width)
             )
         else:
             speculator = self.speculators[layer.index]

@@ -33,6 +33,7 @@ from .selection import (
     select_blocks,
     selected_block_ids,
     selection_from_mask,
+    valid_blocks,
 )
 from .skew import (
     ChannelCriterion,
@@ -79,5 +80,6 @@ __all__ = [
     "selected_block_ids",
     "selection_from_mask",
     "tensor_digest",
+    "valid_blocks",
     "write_partial_keys",
 ]

@@ -30,6 +30,7 @@ from .selection import (
     num_blocks_of,
     select_blocks,
     selection_from_mask,
+    valid_blocks,
 )
 from .speculator import LayerSpeculator
 
@@ -91,10 +92,7 @@ def oracle_selection(
     counts: torch.Tensor,
 ) -> BlockSelection:
     """The ``counts[r]`` blocks with the largest true mass per request."""
-    valid = (
-        torch.arange(block_mass.shape[1])[None, :]
-        < num_blocks_of(seq_lens, block_size)[:, None]
-    )
+    valid = valid_blocks(seq_lens, block_size, block_mass.shape[1])
     keys = torch.where(valid, block_mass, torch.tensor(-1.0, dtype=block_mass.dtype))
     return selection_from_mask(_top_count_mask(keys, counts) & valid)
 
@@ -107,9 +105,7 @@ def random_selection(
     generator: torch.Generator,
 ) -> BlockSelection:
     """``counts[r]`` uniformly random blocks among each request's blocks."""
-    valid = (
-        torch.arange(max_blocks)[None, :] < num_blocks_of(seq_lens, block_size)[:, None]
-    )
+    valid = valid_blocks(seq_lens, block_size, max_blocks)
     keys = torch.rand(valid.shape, generator=generator, dtype=torch.float64)
     keys = torch.where(valid, keys, torch.tensor(-1.0, dtype=torch.float64))
     return selection_from_mask(_top_count_mask(keys, counts) & valid)

@@ -133,6 +133,15 @@ def num_blocks_of(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     )
 
 
+def valid_blocks(
+    seq_lens: torch.Tensor, block_size: int, max_blocks: int
+) -> torch.Tensor:
+    """``[num_reqs, max_blocks]`` bool: block ``j`` holds tokens of request
+    ``r`` (``j < ceil(seq_lens[r] / block_size)``); on ``seq_lens``' device."""
+    logical = torch.arange(max_blocks, device=seq_lens.device)[None, :]
+    return logical < num_blocks_of(seq_lens, block_size)[:, None]
+
+
 def block_margins(
     scores: torch.Tensor, valid: torch.Tensor, reduction: HeadReduction
 ) -> torch.Tensor:
