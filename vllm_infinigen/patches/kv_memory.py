@@ -33,9 +33,12 @@ def device_tier_share(num_layers: int, head_dim: int, partial_dims: list[int]) -
     Per block, the host tier holds keys and values of every attention layer
     (``num_layers * 2 * head_dim`` numbers per token and KV head); the partial
     key cache holds ``d_partial`` numbers per token and KV head for each sparse
-    layer (``partial_dims``), in the same dtype. Each of the two staging
-    buffers is bounded by one layer's share of the cache (a step never stages
-    more than every block of one layer), so they add ``2 / num_layers``.
+    layer (``partial_dims``), in the same dtype. A staging buffer holds one
+    layer's blocks of the running requests (their selected blocks, and the
+    whole context of prefilling ones), so each of the two is reserved one
+    layer's share of the cache: ``2 / num_layers``. This is an estimate, not
+    a bound: a prefix block shared by several requests is staged once per
+    request, so heavy prefix sharing can stage more.
 
     Args:
         num_layers: attention layers of the model (sparse and dense).
