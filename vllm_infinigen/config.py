@@ -73,6 +73,13 @@ class InfiniGenConfig:
     """Trailing blocks always fetched (the newest, partly filled block is
     always among them), >= 1."""
 
+    min_blocks: int = 8
+    """A request's block budget never falls below this many blocks, and a
+    request with at most this many blocks reads them all, >= 0. With 32-token
+    blocks, prompts and chats under 256 tokens stay exact; without the floor a
+    20% budget reads only the sink and newest blocks of a 3-block request and
+    loses the text between them."""
+
     dense_layers: tuple[int, ...] = (0,)
     """Layer indices that keep vLLM's dense decode attention (layer 0 has no
     previous layer to speculate from). Non-negative, below the layer count."""
@@ -108,6 +115,7 @@ class InfiniGenConfig:
         )
         _check_int("sink_blocks", self.sink_blocks, minimum=0)
         _check_int("recent_blocks", self.recent_blocks, minimum=1)
+        _check_int("min_blocks", self.min_blocks, minimum=0)
         if not isinstance(self.dense_layers, tuple) or not all(
             _is_int(i) and i >= 0 for i in self.dense_layers
         ):

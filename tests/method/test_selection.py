@@ -211,6 +211,33 @@ def test_forced_blocks_exceed_small_budget() -> None:
     assert sel.counts.tolist() == [4]
 
 
+def test_min_blocks_reads_short_requests_whole_and_floors_the_budget() -> None:
+    # Scores that would keep only the sink and newest blocks (middle ones are
+    # far below alpha), for a 3-block, an 8-block and a 20-block request.
+    scores = torch.full((3, 2, 20), -100.0)
+    scores[:, :, 0] = 0.0
+    lens = torch.tensor([70, 256, 640])
+    policy = SelectionPolicy(alpha=8.0, budget_fraction=0.2, min_blocks=8)
+    sel = select_blocks(scores, lens, 32, policy)
+    assert sel.counts.tolist() == [3, 8, 2]  # 20 blocks: alpha keeps 2 of 8
+    assert sel.indices[0, :3].tolist() == [0, 1, 2]
+    assert sel.indices[1, :8].tolist() == list(range(8))
+    loose = SelectionPolicy(alpha=math.inf, budget_fraction=0.2, min_blocks=8)
+    assert select_blocks(scores, lens, 32, loose).counts.tolist() == [3, 8, 8]
+    without = SelectionPolicy(alpha=8.0, budget_fraction=0.2)
+    assert select_blocks(scores, lens, 32, without).counts.tolist() == [2, 2, 2]
+
+
+def test_min_blocks_is_capped_by_max_blocks() -> None:
+    scores = torch.zeros(1, 2, 6)
+    policy = SelectionPolicy(
+        alpha=math.inf, budget_fraction=0.2, max_blocks=3, min_blocks=8
+    )
+    sel = select_blocks(scores, torch.tensor([192]), 32, policy)
+    assert sel.indices.shape == (1, 3)
+    assert sel.counts.tolist() == [3]
+
+
 def test_max_blocks_caps_count_and_width() -> None:
     q, cache, table, lens = _ragged_batch([400, 200], 16)
     scores = block_scores(q, cache, table, lens, 1.0)
@@ -268,6 +295,7 @@ def test_zero_requests() -> None:
         ({"max_blocks": 0}, "max_blocks"),
         ({"sink_blocks": -1}, "sink_blocks"),
         ({"recent_blocks": -2}, "recent_blocks"),
+        ({"min_blocks": -1}, "min_blocks"),
     ],
 )
 def test_policy_validation_names_the_option(

@@ -103,6 +103,22 @@ def test_long_prompt_sparse_decode(server: Server) -> None:
     assert reply.choices[0].text.strip()
 
 
+def test_short_chat_keeps_its_context(server: Server) -> None:
+    """A chat that grows past a few blocks still sees its whole prompt: with
+    a 30% budget and no floor, a 3-block request read only its first and
+    newest blocks and answered ``s[::-11111111``."""
+    messages = [
+        {
+            "role": "user",
+            "content": "Write a Python one-liner that reverses a string s.",
+        }
+    ]
+    reply = _client(server).chat.completions.create(
+        model=SERVED_NAME, messages=messages, max_tokens=40, temperature=0
+    )
+    assert "s[::-1]" in (reply.choices[0].message.content or "")
+
+
 def test_chat_and_streaming_agree(server: Server) -> None:
     client = _client(server)
     messages = [{"role": "user", "content": "What is 2 + 3? Answer with a number."}]

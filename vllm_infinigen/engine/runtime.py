@@ -89,6 +89,7 @@ class InfiniGenRuntime:
             max_blocks=config.max_blocks,
             sink_blocks=config.sink_blocks,
             recent_blocks=config.recent_blocks,
+            min_blocks=config.min_blocks,
         )
         self.copier = BlockCopier(swap_mode)
         self.partial_caches: dict[int, torch.Tensor] = {}
@@ -179,7 +180,7 @@ class InfiniGenRuntime:
         table = block_table[:, :width]
         if self._selects_everything(width):
             # Every block would be chosen (full budget, or no request longer
-            # than its forced sink + recent blocks): skip the scoring.
+            # than its forced blocks): skip the scoring.
             selection = selection_from_mask(
                 valid_blocks(seq_lens, self.block_size, width)
             )
@@ -212,7 +213,9 @@ class InfiniGenRuntime:
         policy = self.policy
         if self.config.is_exact:
             return True
-        return width <= policy.sink_blocks + policy.recent_blocks
+        return width <= max(
+            policy.sink_blocks + policy.recent_blocks, policy.effective_min_blocks
+        )
 
     def take(self, layer_index: int) -> PendingSwap | None:
         """This step's swap-in for a layer (removed: each is used once)."""

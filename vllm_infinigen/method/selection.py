@@ -20,10 +20,13 @@ ceil(seq_len_r / block_size)`` blocks:
    (the newest, partly filled block is always among them when
    ``recent_blocks >= 1``).
 3. *Candidates*: other blocks with ``margin >= -alpha``.
-4. *Budget*: ``b_r = ceil(budget_fraction * n_r)``, capped by
-   ``max_blocks``. Forced blocks count against it but are kept even beyond
-   it; the remaining ``max(b_r - forced_r, 0)`` places go to the candidates
-   with the largest margins; ties go to the newer (higher) block.
+4. *Budget*: ``b_r = max(ceil(budget_fraction * n_r), min(n_r, m))``
+   with ``m = min_blocks`` (capped by ``max_blocks``), then capped by
+   ``max_blocks``; a request of at most ``m`` blocks has all its blocks
+   forced, so short requests are read whole. Forced blocks count against
+   the budget but are kept even beyond it; the remaining
+   ``max(b_r - forced_r, 0)`` places go to the candidates with the largest
+   margins; ties go to the newer (higher) block.
 5. Output: logical block indices sorted ascending (so the newest block is
    last), padded with :data:`PAD` to a width fixed by shapes and the policy
    only: ``max_blocks`` of the table, or ``max(max_blocks, sink_blocks +
@@ -70,6 +73,9 @@ class SelectionPolicy:
         sink_blocks: leading blocks always selected (attention sinks).
         recent_blocks: trailing blocks always selected (includes the
             partly filled newest block).
+        min_blocks: the budget never falls below this many blocks, and a
+            request with at most this many blocks reads them all (short
+            contexts stay exact); ``0`` turns it off.
         head_reduction: how per-KV-head scores are merged.
         score_rule: the block score rule the scores were made with (read by
             the caller of :func:`~.scoring.block_scores`; kept here so one
@@ -85,6 +91,7 @@ class SelectionPolicy:
     max_blocks: int | None = None
     sink_blocks: int = 1
     recent_blocks: int = 1
+    min_blocks: int = 0
     head_reduction: HeadReduction = HeadReduction.MEAN
     score_rule: BlockScoreRule = BlockScoreRule.LOG_MASS
 
@@ -101,6 +108,15 @@ class SelectionPolicy:
             raise ValueError(f"sink_blocks must be >= 0, got {self.sink_blocks}")
         if self.recent_blocks < 0:
             raise ValueError(f"recent_blocks must be >= 0, got {self.recent_blocks}")
+        if self.min_blocks < 0:
+            raise ValueError(f"min_blocks must be >= 0, got {self.min_blocks}")
+
+    @property
+    def effective_min_blocks(self) -> int:
+        """``min_blocks``, capped by ``max_blocks`` when a cap is set."""
+        if self.max_blocks is None:
+            return self.min_blocks
+        return min(self.min_blocks, self.max_blocks)
 
     def output_width(self, table_width: int) -> int:
         """Columns of :attr:`BlockSelection.indices` for a block table width."""
@@ -212,14 +228,17 @@ def select_blocks(
     n_blocks = num_blocks_of(seq_lens.to(device), block_size)[:, None]  # [R, 1]
     logical = torch.arange(max_blocks, device=device)[None, :]  # [1, M]
     valid = logical < n_blocks
+    least = policy.effective_min_blocks
     forced = valid & (
-        (logical < policy.sink_blocks) | (logical >= n_blocks - policy.recent_blocks)
+        (logical < policy.sink_blocks)
+        | (logical >= n_blocks - policy.recent_blocks)
+        | (n_blocks <= least)
     )
     margin = block_margins(scores, valid, policy.head_reduction)
     candidate = valid & ~forced & (margin >= -policy.alpha)
 
     budget = torch.ceil(n_blocks.double() * policy.budget_fraction - _BUDGET_SLACK)
-    budget = budget.long()
+    budget = torch.maximum(budget.long(), n_blocks.clamp(max=least))
     if policy.max_blocks is not None:
         budget = budget.clamp(max=policy.max_blocks)
     room = (budget - forced.sum(dim=1, keepdim=True)).clamp(min=0)
