@@ -23,9 +23,12 @@ ADDITIONAL_CONFIG_KEY = "infinigen"
 #: How selected blocks are copied into staging (see engine/copier.py).
 SWAP_MODES: tuple[str, ...] = ("sync", "thread")
 
-#: Block-selection policies. ``infinigen`` is the method of the paper; the
-#: peer policies of the evidence milestone join this tuple when they land.
-POLICIES: tuple[str, ...] = ("infinigen",)
+#: Block-selection policies, all on the same tiers, swap-in and attention
+#: (docs/architecture.md, "Selection policies"): ``infinigen`` (the paper's
+#: speculation), ``quest`` (per-block key bounds and the layer's real query),
+#: ``h2o`` (accumulated attention mass plus a recent window), ``streaming``
+#: (sink plus newest blocks), ``dense`` (every block: exact).
+POLICIES: tuple[str, ...] = ("infinigen", "quest", "h2o", "streaming", "dense")
 
 
 def _is_number(value: object) -> bool:
@@ -152,7 +155,9 @@ class InfiniGenConfig:
     @property
     def is_exact(self) -> bool:
         """True when every block is fetched at every layer (dense results)."""
-        return self.budget >= 1.0 and self.max_blocks is None
+        return self.policy == "dense" or (
+            self.budget >= 1.0 and self.max_blocks is None
+        )
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

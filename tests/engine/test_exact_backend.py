@@ -54,16 +54,29 @@ def run_engine(
         str(max_model_len),
         *(["--stats"] if stats else []),
     ]
+    log = run_engine_script(SCRIPT, cmd[2:])
+    return json.loads(out.read_text()), log
+
+
+def run_engine_script(script: Path, args: list[str]) -> str:
+    """Run an engine script in a fresh process; return its log (fails the
+    test with the log's tail if the script fails)."""
     # In-process engine core: requests reach the scheduler together, so batch
     # composition (and with it float summation order) is the same run to run;
     # with a separate engine process two dense runs can already differ.
     env = dict(
         os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0"
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    return json.loads(out.read_text()), log
+    return log
 
 
 @pytest.mark.parametrize("model_fixture", ["qwen_model_dir", "gemma_model_dir"])

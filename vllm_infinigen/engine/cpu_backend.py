@@ -205,9 +205,22 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
             and info is not None
             and info.sparse
             and isinstance(attn_metadata, InfiniGenCPUMetadata)
-            and attn_metadata.num_decodes > 0
         ):
-            pending = runtime.take(info.index)
+            if attn_metadata.num_decodes > 0:
+                pending = runtime.take(info.index)
+                if pending is None:  # a policy that chooses at the layer
+                    rows = attn_metadata.decode_req_idx
+                    assert rows is not None
+                    pending = runtime.select_at_attention(
+                        info,
+                        query[attn_metadata.decode_token_idx],
+                        attn_metadata.block_table[rows],
+                        attn_metadata.seq_lens[rows],
+                        attn_metadata.max_decode_seq_len,
+                        extra_slots=attn_metadata.num_prefill_blocks,
+                    )
+            if "h2o" in runtime.tracked:
+                self._observe(runtime, info, layer, query, kv_cache, attn_metadata)
         if pending is None or runtime is None or info is None:
             return super().forward(
                 layer,
@@ -221,6 +234,9 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
                 output_block_scale,
             )
         assert isinstance(attn_metadata, InfiniGenCPUMetadata)
+        if "h2o" in runtime.tracked:
+            rows = attn_metadata.decode_token_idx
+            runtime.observe_decode(info, layer.isa, query[rows], pending.plan, kv_cache)
         num_tokens = attn_metadata.num_actual_tokens
         stats = runtime.stats.layer(info.index)
 
@@ -276,6 +292,34 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
         )
         stats.attention_s += time.perf_counter() - start
         return output
+
+    @staticmethod
+    def _observe(
+        runtime: Any,
+        info: Any,
+        layer: Any,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: InfiniGenCPUMetadata,
+    ) -> None:
+        """H2O: accumulate the mass prefill rows give their context (decode
+        rows are observed over the blocks they read, after selection)."""
+        if meta.num_decodes:
+            rows = meta.prefill_req_idx
+            prefill_rows = [] if rows is None else rows.tolist()
+        else:
+            prefill_rows = list(range(meta.seq_lens.shape[0]))
+        if prefill_rows:
+            runtime.observe_prefill(
+                info,
+                layer.isa,
+                query,
+                meta.query_start_loc,
+                meta.seq_lens,
+                meta.block_table,
+                prefill_rows,
+                kv_cache,
+            )
 
     def _attend(
         self,

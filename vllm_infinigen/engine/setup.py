@@ -91,6 +91,27 @@ def _make_hook(runtime: InfiniGenRuntime, target: LayerInfo) -> PreHook:
     return hook
 
 
+def _key_layout_check(vllm_config: VllmConfig, speculators: dict[int, Any]) -> Any:
+    """A check that vLLM's CPU key packing can be read back (H2O needs it);
+    raises a ValueError naming the policy when it cannot."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from vllm_infinigen.engine.key_layout import key_tile_order
+
+    if not speculators:
+        return None
+    head_dim = next(iter(speculators.values())).head_dim
+    block_size = vllm_config.cache_config.block_size
+    dtype: Any = vllm_config.model_config.dtype
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+
+    def check() -> None:
+        isa = _get_attn_isa(dtype, block_size, head_dim, cache_dtype)
+        key_tile_order(isa, block_size, head_dim, dtype, cache_dtype)
+
+    return check
+
+
 def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:
     """Build this worker's runtime for ``model`` and install its hooks."""
     from vllm_infinigen.engine.calibration import calibrate_model
@@ -119,6 +140,8 @@ def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenR
         block_size=vllm_config.cache_config.block_size,
         swap_mode=config.swap_mode,
     )
+    runtime.key_check = _key_layout_check(vllm_config, speculators)
+    runtime.track([config.policy])
     modules = dict(model.named_modules())
     for index in sparse:
         info = infos[index]

@@ -6,11 +6,19 @@ offline users and benchmarks can read the counters of every worker:
 
     llm.collective_rpc("infinigen_stats")
     llm.collective_rpc("infinigen_reset_stats")
+    llm.collective_rpc("infinigen_track", args=(["quest", "h2o"],))
+    llm.collective_rpc("infinigen_configure", args=({"policy": "quest"},))
+
+``infinigen_track`` starts maintaining other policies' device metadata (so
+prompts prefilled once serve every policy from the prefix cache);
+``infinigen_configure`` switches policy or budget between requests.
 """
 
 from __future__ import annotations
 
-from vllm_infinigen.engine.runtime import reset_stats, stats_snapshot
+from typing import Any
+
+from vllm_infinigen.engine.runtime import configure, reset_stats, stats_snapshot, track
 
 
 class InfiniGenWorkerExtension:
@@ -23,3 +31,12 @@ class InfiniGenWorkerExtension:
     def infinigen_reset_stats(self) -> bool:
         """Zero this worker's INFINIGEN counters."""
         return reset_stats()
+
+    def infinigen_configure(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Change selection options (policy, budget, ...) between requests;
+        returns the effective options."""
+        return configure(options)
+
+    def infinigen_track(self, policies: list[str]) -> list[str]:
+        """Maintain these policies' device metadata from now on."""
+        return track(policies)

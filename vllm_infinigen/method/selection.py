@@ -158,6 +158,20 @@ def valid_blocks(
     return logical < num_blocks_of(seq_lens, block_size)[:, None]
 
 
+def budget_blocks(n_blocks: torch.Tensor, policy: SelectionPolicy) -> torch.Tensor:
+    """Block budget ``b_r`` of each request (module docstring, step 4).
+
+    ``n_blocks``: int tensor of blocks per request (any shape); same shape out.
+    """
+    budget = torch.ceil(n_blocks.double() * policy.budget_fraction - _BUDGET_SLACK)
+    budget = torch.maximum(
+        budget.long(), n_blocks.long().clamp(max=policy.effective_min_blocks)
+    )
+    if policy.max_blocks is not None:
+        budget = budget.clamp(max=policy.max_blocks)
+    return budget
+
+
 def block_margins(
     scores: torch.Tensor, valid: torch.Tensor, reduction: HeadReduction
 ) -> torch.Tensor:
@@ -237,10 +251,7 @@ def select_blocks(
     margin = block_margins(scores, valid, policy.head_reduction)
     candidate = valid & ~forced & (margin >= -policy.alpha)
 
-    budget = torch.ceil(n_blocks.double() * policy.budget_fraction - _BUDGET_SLACK)
-    budget = torch.maximum(budget.long(), n_blocks.clamp(max=least))
-    if policy.max_blocks is not None:
-        budget = budget.clamp(max=policy.max_blocks)
+    budget = budget_blocks(n_blocks, policy)
     room = (budget - forced.sum(dim=1, keepdim=True)).clamp(min=0)
     n_take = torch.minimum(room, candidate.sum(dim=1, keepdim=True))
 
