@@ -57,7 +57,8 @@ def test_quest_score_bounds_every_logit_of_its_block() -> None:
         for block in range(3):
             k = keys[block * BS : (block + 1) * BS, head]  # [BS, d]
             q = query[0, head * 2 : head * 2 + 2] * scale  # [2, d]
-            upper = torch.maximum(q * bounds[block, 0, head], q * bounds[block, 1, head])
+            low, high = bounds[block, 0, head], bounds[block, 1, head]
+            upper = torch.maximum(q * low, q * high)
             expected = torch.logsumexp(upper.sum(-1), 0) - math.log(2)
             assert torch.allclose(scores[0, head, block], expected, atol=1e-5)
             assert ((q @ k.T).amax(1) <= upper.sum(-1) + 1e-5).all()
