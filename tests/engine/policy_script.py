@@ -1,7 +1,8 @@
 """Run every selection policy on one INFINIGEN engine and dump what each did.
 
-One offline engine (in-process engine core), all policies' device metadata
-tracked from the start, the prompts prefilled once; then per policy:
+One offline engine (in-process engine core) started with one policy (H2O by
+default: its start-up check reads the cache layout), all policies' device
+metadata tracked from the start, the prompts prefilled once; then per policy:
 reconfigure, reset the counters, decode greedily, record tokens and
 counters. Also records the errors that bad run-time options raise.
 
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument(
+        "--start-policy", default="h2o", help="policy given at start-up"
+    )
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -41,7 +45,9 @@ def main() -> None:
         block_size=32,
         seed=0,
         attention_backend="INFINIGEN",
-        additional_config={"infinigen": {"budget": args.budget}},
+        additional_config={
+            "infinigen": {"budget": args.budget, "policy": args.start_policy}
+        },
     )
     tracked = llm.collective_rpc("infinigen_track", args=(list(POLICIES),))[0]
     # Prefill once; every policy below decodes from the prefix cache.

@@ -93,8 +93,9 @@ def test_policies_answer_from_the_right_blocks(result: Any) -> None:
         assert str(PASSKEY) in runs[policy]["texts"][0], (policy, runs[policy])
     # Policies differ only in the blocks they choose: the windowed policy
     # reads the sink and newest blocks, which cannot hold a mid-prompt key.
-    assert runs["streaming"]["stats"]["total"]["blocks_selected"] == (
-        runs["quest"]["stats"]["total"]["blocks_selected"]
+    assert (
+        runs["streaming"]["stats"]["total"]["blocks_selected"]
+        == (runs["quest"]["stats"]["total"]["blocks_selected"])
     )
 
 
