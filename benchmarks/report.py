@@ -1,0 +1,143 @@
+"""Markdown tables of the accuracy and speed results (for docs/results.md).
+
+Reads the JSON the benchmarks wrote and prints the tables, so every number
+in the results document comes from a run's file:
+
+    python benchmarks/report.py                  # full runs
+    python benchmarks/report.py --quick          # the --quick runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = [_row(head), _row(["---"] * len(head))]
+    lines += [_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def accuracy_tables(data: dict[str, Any]) -> str:
+    configs = data["configs"]
+    groups = sorted({g for c in configs for g in c["perplexity"]})
+    lengths = sorted({int(n) for c in configs for n in c["passkey_accuracy_by_length"]})
+    head = ["policy", "budget", "blocks read"]
+    head += [f"ppl {g}" for g in groups]
+    head += [f"passkey {n}" for n in lengths] + ["passkey all", "greedy agreement"]
+    rows = []
+    for c in configs:
+        row: list[Any] = [
+            c["policy"],
+            f"{c['budget']:.1f}",
+            f"{c['selection_fraction']:.3f}",
+        ]
+        row += [f"{c['perplexity'][g]:.2f}" for g in groups]
+        by_length = c["passkey_accuracy_by_length"]
+        row += [f"{by_length.get(str(n), float('nan')):.2f}" for n in lengths]
+        row += [f"{c['passkey_accuracy']:.2f}", f"{c['agreement']:.2f}"]
+        rows.append(row)
+    scored = {
+        r["group"]: r.get("scored_tokens")
+        for r in data["requests"]
+        if r["task"] == "perplexity"
+    }
+    notes = ", ".join(f"{g}: {n} scored tokens per document" for g, n in scored.items())
+    return (
+        f"`{data['command']}` ({data['seconds'] / 60:.1f} min, {data['machine']}, "
+        f"{data['dtype']}; {notes})\n\n" + _table(head, rows)
+    )
+
+
+def speed_tables(data: dict[str, Any]) -> str:
+    head = [
+        "context x batch",
+        "policy",
+        "decode tok/s",
+        "vs dense vLLM",
+        "KV MB / token",
+        "KV bytes vs dense",
+        "selection share of step",
+    ]
+    rows = []
+    for m in data["measured"]:
+        rows.append(
+            [
+                f"{m['context']} x{m['batch']}",
+                "dense vLLM" if m["policy"] == "baseline" else m["policy"],
+                f"{m['decode_tok_s']:.2f}",
+                f"{m['speed_ratio']:.2f}",
+                f"{m['kv_mb_per_token']:.1f}",
+                f"{m['bytes_ratio']:.3f}",
+                f"{m['speculation_share']:.2f}" if "speculation_share" in m else "",
+            ]
+        )
+    ttft = _table(
+        ["context", "dense vLLM TTFT s", "INFINIGEN engine TTFT s", "ratio"],
+        [
+            [
+                t["context"],
+                f"{t['baseline_ttft_s']:.1f}",
+                f"{t['infinigen_ttft_s']:.1f}",
+                f"{t['ratio']:.2f}",
+            ]
+            for t in data["ttft"]
+        ],
+    )
+    model = data["transfer_model"]
+    transfer = _table(
+        [
+            "context x batch",
+            "fetch",
+            "MB per step",
+            "ms per step (modelled)",
+            "full / this",
+        ],
+        [
+            [
+                f"{r['context']} x{r['batch']}",
+                r["policy"],
+                f"{r['bytes_per_step'] / 1e6:.1f}",
+                f"{r['transfer_ms_per_step']:.2f}",
+                f"{r['full_over_policy']:.2f}",
+            ]
+            for r in model["rows"]
+            if r["policy"] in ("full-KV fetch", "infinigen")
+        ],
+    )
+    return (
+        f"`{data['command']}` ({data['seconds'] / 60:.1f} min, {data['machine']}, "
+        f"{data['dtype']}, budget {data['budget']}, {data['decode_tokens']} decode "
+        f"tokens)\n\n"
+        + _table(head, rows)
+        + "\n\nTime to first token (one cold prompt):\n\n"
+        + ttft
+        + f"\n\nModelled transfer at {model['pcie_gbps']} GB/s (not measured):\n\n"
+        + transfer
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    suffix = "_quick" if args.quick else ""
+    for name, render in (("accuracy", accuracy_tables), ("speed", speed_tables)):
+        path = RESULTS / f"{name}{suffix}.json"
+        if not path.exists():
+            print(f"## {name}: {path} not found\n")
+            continue
+        print(f"## {name}\n\n{render(json.loads(path.read_text()))}\n")
+
+
+if __name__ == "__main__":
+    main()
