@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_infinigen.method.agreement import prefix_agreement
+
 # In-process engine (deterministic, and the logits processor class below is
 # used as is, not pickled); vLLM reads these when the engine starts.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -363,7 +365,7 @@ def score(
             )
         else:
             agreement[request.name] = (
-                1.0 if dense is None else prefix_share(dense[i], free)
+                1.0 if dense is None else prefix_agreement(dense[i], free)
             )
     found = [p["found"] for p in passkeys]
     by_length: dict[int, list[bool]] = {}
@@ -380,16 +382,6 @@ def score(
         "agreement": sum(agreement.values()) / len(agreement) if agreement else None,
         "agreement_per_prompt": agreement,
     }
-
-
-def prefix_share(reference: list[int], other: list[int]) -> float:
-    """Share of ``reference``'s tokens before the first difference."""
-    same = 0
-    for a, b in zip(reference, other, strict=False):
-        if a != b:
-            break
-        same += 1
-    return same / max(len(reference), 1)
 
 
 def estimate(requests: list[Request], configs: int) -> float:

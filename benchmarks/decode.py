@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_infinigen.method.agreement import prefix_agreement
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -122,7 +124,7 @@ def summarise(dense: dict[str, Any], ours: dict[str, Any], model: str) -> dict:
         + (num_layers - sparse_layers) * blocks_per_layer_step * block_bytes
     )
     agree = [
-        _prefix(a, b)
+        prefix_agreement(a, b)
         for a, b in zip(dense["token_ids"], ours["token_ids"], strict=True)
     ]
     return {
@@ -142,15 +144,6 @@ def summarise(dense: dict[str, Any], ours: dict[str, Any], model: str) -> dict:
         "attention_share": total["attention_s"] / max(ours["decode_s"], 1e-9),
         "greedy_prefix_agreement": sum(agree) / len(agree),
     }
-
-
-def _prefix(a: list[int], b: list[int]) -> float:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n / max(len(a), 1)
 
 
 def launch(args: argparse.Namespace, engine: str, context: int, batch: int) -> dict:

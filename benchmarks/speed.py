@@ -297,14 +297,9 @@ def kv_bytes(stats: dict[str, Any], num_layers: int) -> dict[str, float]:
 def prefix_agreement(ref: list[list[int]], other: list[list[int]]) -> float:
     """Mean share of each request's greedy tokens that match ``ref`` before
     the first difference."""
-    shares = []
-    for a, b in zip(ref, other, strict=True):
-        n = 0
-        for x, y in zip(a, b, strict=False):
-            if x != y:
-                break
-            n += 1
-        shares.append(n / max(len(a), 1))
+    from vllm_infinigen.method.agreement import prefix_agreement as one
+
+    shares = [one(a, b) for a, b in zip(ref, other, strict=True)]
     return sum(shares) / max(len(shares), 1)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from tests.engine.prompts import code_prompt, passkey_prompt
 from tests.engine.test_exact_backend import run_engine
+from vllm_infinigen.method.agreement import prefix_agreement
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +38,6 @@ def _prompts() -> list[str]:
     prompts = [passkey_prompt(PASSKEY, d, filler_repeats=150) for d in DEPTHS]
     prompts += [code_prompt(m, 7000) for m in CODE_MODULES]
     return prompts
-
-
-def _prefix_match(a: list[int], b: list[int]) -> float:
-    same = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        same += 1
-    return same / max(len(a), 1)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +78,7 @@ def test_passkey_found_at_every_depth(runs: dict[str, Any]) -> None:
 def test_code_completion_close_to_dense(runs: dict[str, Any]) -> None:
     n = len(DEPTHS)
     rates = [
-        _prefix_match(d, s)
+        prefix_agreement(d, s)
         for d, s in zip(
             runs["dense"]["token_ids"][n:], runs["sparse"]["token_ids"][n:], strict=True
         )
