@@ -22,6 +22,8 @@ No vLLM import; no host synchronisation (shapes depend on shapes only).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .selection import SelectionPolicy, budget_blocks, num_blocks_of, valid_blocks
@@ -104,9 +106,7 @@ def quest_block_scores(
     low = q * b[:, :, 0, :, None, :]  # [R, M, kv, group, d]
     high = q * b[:, :, 1, :, None, :]
     logit = torch.maximum(low, high).sum(-1)  # [R, M, kv, group]
-    merged = torch.logsumexp(logit, dim=-1) - torch.log(
-        torch.tensor(float(group), device=logit.device)
-    )
+    merged = torch.logsumexp(logit, dim=-1) - math.log(group)
     scores = merged.permute(0, 2, 1)  # [R, kv, M]
     valid = valid_blocks(seq_lens, block_size, max_blocks)
     # Blocks with no key yet (never written) have NaN bounds products.
