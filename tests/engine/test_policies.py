@@ -111,6 +111,14 @@ def test_device_metadata_costs(result: Any) -> None:
     assert stats["partial_cache_bytes"] * 2 * 64 == host * 20  # d_partial 20
 
 
+def test_h2o_prefill_mass_counts_each_prompt_row_once(result: Any) -> None:
+    """Every run re-prefills the prompt's last block from the prefix cache;
+    the prefill mass that a reconfigure restores must not grow with it."""
+    masses = [run["stats"]["h2o_prefill_mass"] for run in result["runs"].values()]
+    assert masses[0] > 0
+    assert max(masses) - min(masses) <= 1e-4 * masses[0], masses
+
+
 def test_runtime_options_are_validated(result: Any) -> None:
     errors = result["errors"]
     assert "'partial_ratio' is fixed at start-up" in errors["fixed"]

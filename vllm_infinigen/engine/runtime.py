@@ -137,7 +137,9 @@ class InfiniGenRuntime:
         self.mass: dict[int, torch.Tensor] = {}
         """H2O: per layer ``[num_blocks, num_kv_heads]`` accumulated mass."""
         self.prefill_mass: dict[int, torch.Tensor] = {}
-        """H2O: the part of :attr:`mass` that prefill queries gave."""
+        """H2O: the part of :attr:`mass` that prefill queries gave, without
+        the rows of each chunk's last block (which a request that reuses the
+        prompt from the prefix cache computes, and observes, again)."""
         self.key_order: torch.Tensor | None = None
         """H2O: packed order of a key tile (engine/key_layout.py)."""
         self.key_check: Callable[[], None] | None = None
@@ -425,16 +427,26 @@ class InfiniGenRuntime:
             n_blocks = (seq_len + self.block_size - 1) // self.block_size
             ids = block_table[r, :n_blocks].long()
             keys = read_keys(kv_cache, ids, order)
-            got = attention_block_mass(
-                query[begin + picks],
-                keys,
-                positions,
-                seq_len,
-                self.block_size,
-                layer.scale,
-            )
-            mass.index_add_(0, ids, got)
-            self.prefill_mass[layer.index].index_add_(0, ids, got)
+            # Rows of the chunk's last block go to the live mass only: when
+            # the prompt ends in this chunk, a later request with the same
+            # prompt recomputes that block (the prefix cache keeps full
+            # blocks and always recomputes the prompt's last one), and the
+            # mass that reconfigure restores must count each row once.
+            tail = positions >= (seq_len - 1) // self.block_size * self.block_size
+            for part, to_prefill in ((~tail, True), (tail, False)):
+                if not bool(part.any()):
+                    continue
+                got = attention_block_mass(
+                    query[begin + picks[part]],
+                    keys,
+                    positions[part],
+                    seq_len,
+                    self.block_size,
+                    layer.scale,
+                )
+                mass.index_add_(0, ids, got)
+                if to_prefill:
+                    self.prefill_mass[layer.index].index_add_(0, ids, got)
 
     # ------------------------------------------------------- reconfiguration
     def track(self, policies: list[str] | tuple[str, ...]) -> list[str]:
@@ -546,6 +558,9 @@ def stats_snapshot() -> dict[str, object]:
     snapshot["partial_cache_bytes"] = _nbytes(runtime.partial_caches)
     snapshot["key_bounds_bytes"] = _nbytes(runtime.key_bounds)
     snapshot["h2o_mass_bytes"] = _nbytes(runtime.mass) + _nbytes(runtime.prefill_mass)
+    snapshot["h2o_prefill_mass"] = float(
+        sum(float(t.sum()) for t in runtime.prefill_mass.values())
+    )
     snapshot["host_kv_bytes"] = _nbytes(runtime.host_caches)
     snapshot["policy"] = runtime.config.policy
     snapshot["budget"] = runtime.config.budget
