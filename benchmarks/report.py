@@ -5,6 +5,7 @@ in the results document comes from a run's file:
 
     python benchmarks/report.py                  # full runs
     python benchmarks/report.py --quick          # the --quick runs
+    python benchmarks/report.py benchmarks/results/speed_16k.json  # one file
 """
 
 from __future__ import annotations
@@ -129,14 +130,23 @@ def speed_tables(data: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "files", nargs="*", help="result JSON files (accuracy*.json, speed*.json)"
+    )
     args = parser.parse_args()
+    renderers = {"accuracy": accuracy_tables, "speed": speed_tables}
     suffix = "_quick" if args.quick else ""
-    for name, render in (("accuracy", accuracy_tables), ("speed", speed_tables)):
-        path = RESULTS / f"{name}{suffix}.json"
+    paths = [Path(f) for f in args.files] or [
+        RESULTS / f"{name}{suffix}.json" for name in renderers
+    ]
+    for path in paths:
+        kind = next((k for k in renderers if path.name.startswith(k)), None)
+        if kind is None:
+            parser.error(f"{path}: name must start with one of {list(renderers)}")
         if not path.exists():
-            print(f"## {name}: {path} not found\n")
+            print(f"## {path.name}: {path} not found\n")
             continue
-        print(f"## {name}\n\n{render(json.loads(path.read_text()))}\n")
+        print(f"## {path.name}\n\n{renderers[kind](json.loads(path.read_text()))}\n")
 
 
 if __name__ == "__main__":
