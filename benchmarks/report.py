@@ -28,6 +28,10 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def accuracy_tables(data: dict[str, Any]) -> str:
     configs = data["configs"]
     groups = sorted({g for c in configs for g in c["perplexity"]})
@@ -45,8 +49,19 @@ def accuracy_tables(data: dict[str, Any]) -> str:
         row += [f"{c['perplexity'][g]:.2f}" for g in groups]
         by_length = c["passkey_accuracy_by_length"]
         row += [f"{by_length.get(str(n), float('nan')):.2f}" for n in lengths]
-        row += [f"{c['passkey_accuracy']:.2f}", f"{c['agreement']:.2f}"]
+        row += [_num(c["passkey_accuracy"]), _num(c["agreement"])]
         rows.append(row)
+    docs = sorted({d for c in configs for d in c.get("perplexity_per_document", {})})
+    per_doc = ""
+    if len(docs) > len(groups):
+        doc_rows = [
+            [c["policy"], f"{c['budget']:.1f}"]
+            + [_num(c["perplexity_per_document"].get(d)) for d in docs]
+            for c in configs
+        ]
+        per_doc = "\n\nPerplexity per document:\n\n" + _table(
+            ["policy", "budget"] + [f"ppl {d}" for d in docs], doc_rows
+        )
     scored = {
         r["group"]: r.get("scored_tokens")
         for r in data["requests"]
@@ -55,7 +70,7 @@ def accuracy_tables(data: dict[str, Any]) -> str:
     notes = ", ".join(f"{g}: {n} scored tokens per document" for g, n in scored.items())
     return (
         f"`{data['command']}` ({data['seconds'] / 60:.1f} min, {data['machine']}, "
-        f"{data['dtype']}; {notes})\n\n" + _table(head, rows)
+        f"{data['dtype']}; {notes})\n\n" + _table(head, rows) + per_doc
     )
 
 
