@@ -40,7 +40,7 @@ batch size), so each prompt is prefilled once per engine. Configurations with
 ``context * batch`` above ``--max-batch-tokens`` (16384) are skipped. Prefill
 dominates the run time on 2 CPU cores: about 55 tokens/s at 2K context when
 the machine is shared (100 when idle) and slower at longer contexts, twice
-per configuration (both engines); 16384 x batch 1 alone takes 6-10 minutes of
+per configuration (both engines); 16384 x batch 1 alone takes about 13 minutes of
 prefill per engine and 16K x batch 4 over half an hour, so 16K and 4K are
 only run when asked for. An estimate of the run time is printed up front
 (``--plan`` prints it and exits).
@@ -449,12 +449,12 @@ def estimate_s(
 ) -> float:
     """Rough run time on this 2-core machine (measured by ``--quick`` while
     other work shared it): ~80 s per engine start, prefill at ~55 tokens/s at
-    2K context (slower with length), decode steps of ~0.35 s plus ~0.2 s per
+    2K context, ~21 at 16K, decode steps of ~0.35 s plus ~0.2 s per
     further request of the batch (1 s at 2K x4), and ~1 s + 0.5 s per request
     of scheduling and last-block recompute per generate call."""
 
     def prefill(tokens: int, context: int) -> float:
-        return tokens / (55 * (2048 / context) ** 0.3)
+        return tokens / (55 * (2048 / context) ** 0.45)
 
     total = 0.0
     for context, batches in contexts.items():
