@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vllm_infinigen.engine.copier import BlockCopier
-from vllm_infinigen.engine.staging import plan_staging
+from vllm_infinigen.engine.placement import plan_staging
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.scoring import block_scores
@@ -103,7 +103,7 @@ def measure(context: int, batch: int, block_size: int, repeats: int) -> dict:
         "block_size": block_size,
         **stages,
         "speculation_ms": speculation,
-        "selected_fraction": plan.total_blocks / max(plan.dense_blocks, 1),
+        "selected_fraction": plan.total_blocks / max(int(plan.dense_counts.sum()), 1),
         "read_full_kv_ms": read_all,
         "speculation_over_full_read": speculation / read_all,
     }

@@ -17,18 +17,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from vllm_infinigen.engine.policies.registry import POLICIES
+
 #: Key of our options inside vLLM's ``additional_config`` dict.
 ADDITIONAL_CONFIG_KEY = "infinigen"
 
-#: How selected blocks are copied into staging (see engine/copier.py).
-SWAP_MODES: tuple[str, ...] = ("sync", "thread")
-
-#: Block-selection policies, all on the same tiers, swap-in and attention
-#: (docs/architecture.md, "Selection policies"): ``infinigen`` (the paper's
-#: speculation), ``quest`` (per-block key bounds and the layer's real query),
-#: ``h2o`` (accumulated attention mass plus a recent window), ``streaming``
-#: (sink plus newest blocks), ``dense`` (every block: exact).
-POLICIES: tuple[str, ...] = ("infinigen", "quest", "h2o", "streaming", "dense")
+#: How decode reads the selected blocks (engine/runtime.py): ``in_place``
+#: (the kernel reads them where they lie in the host tier), or through a
+#: staging buffer they are copied into, inline (``sync``) or on a worker
+#: thread (``thread``, the CPU stand-in for a CUDA side stream).
+SWAP_MODES: tuple[str, ...] = ("in_place", "sync", "thread")
 
 
 def _is_number(value: object) -> bool:
@@ -92,12 +90,20 @@ class InfiniGenConfig:
     None: vLLM's own KV cache sizing decides."""
 
     policy: str = "infinigen"
-    """Block-selection policy, one of :data:`POLICIES`."""
+    """Block-selection policy, one of :data:`POLICIES` (the registry in
+    ``engine/policies/registry.py``): ``infinigen`` (the paper's
+    speculation), ``quest`` (per-block key bounds and the layer's real
+    query), ``h2o`` (accumulated attention mass plus a recent window),
+    ``streaming`` (sink plus newest blocks), ``dense`` (every block: exact)."""
 
-    swap_mode: str = "sync"
-    """How the swap-in runs: ``sync`` (inline, when speculation finishes) or
-    ``thread`` (a worker thread overlapping the previous layer's compute; on
-    CUDA the equivalent is a side stream). One of :data:`SWAP_MODES`."""
+    swap_mode: str = "in_place"
+    """How decode reads the selected blocks, one of :data:`SWAP_MODES`:
+    ``in_place`` (the paged kernel reads them where they lie in the host
+    tier through a compacted block table: no copy; the CPU default, where
+    both tiers share one DRAM), ``sync`` (copied into a staging buffer
+    inline) or ``thread`` (copied on a worker thread overlapping the
+    previous layer's compute). The staging modes are the GPU's shape, where
+    the kernel cannot read host memory."""
 
     calibration_file: str | None = None
     """Text file used to calibrate the skew matrices and partial channels.

@@ -1,8 +1,11 @@
 """INFINIGEN with a full budget matches vLLM's default CPU backend token for token.
 
-With ``budget=1.0`` every block of every sparse layer is selected, swapped
-into staging and attended there through the compacted block table: the whole
-sparse decode path runs, and its output must equal dense attention's.
+With ``budget=1.0`` every block of every sparse layer is read. In the
+default ``in_place`` placement the engine then takes vLLM's dense path (no
+selection, nothing prepared); in the staging placement (``swap_mode``
+``sync``, the GPU shape) every block is still copied into staging and
+attended there through the compacted block table, so the whole staging path
+runs. Both must equal dense attention.
 """
 
 from __future__ import annotations
@@ -89,23 +92,35 @@ def test_exact_backend_matches_default(
     prompts_file.write_text(json.dumps(prompts))
 
     dense, dense_log = run_engine(model, "default", prompts_file, tmp_path / "d.json")
-    ours, our_log = run_engine(
-        model, "infinigen", prompts_file, tmp_path / "i.json", stats=True, budget=1.0
-    )
-
     counts = dense["prompt_token_counts"]
     assert max(counts) > 512, counts  # chunked at 256 and past Gemma's window
     assert any(128 < c <= 512 for c in counts), counts  # longer than a block
-    assert "INFINIGEN attention backend active" in our_log
     assert "INFINIGEN attention backend active" not in dense_log
-    # Every decode step of every sparse layer went through the swap-in path,
-    # and a full budget selected every block.
-    total = ours["stats"]["total"]
-    assert total["steps"] > 0
-    assert total["blocks_selected"] == total["blocks_total"] > 0
-    assert total["bytes_swapped"] > 0
-    for i, (want, got) in enumerate(
-        zip(dense["token_ids"], ours["token_ids"], strict=True)
-    ):
-        assert len(want) > 0
-        assert got == want, (i, dense["texts"][i], ours["texts"][i])
+    for mode in ("in_place", "sync"):
+        ours, our_log = run_engine(
+            model,
+            "infinigen",
+            prompts_file,
+            tmp_path / f"{mode}.json",
+            stats=True,
+            budget=1.0,
+            swap_mode=mode,
+        )
+        assert "INFINIGEN attention backend active" in our_log
+        total = ours["stats"]["total"]
+        # Every decode step of every sparse layer was counted, every block
+        # read; in place nothing was selected or copied (vLLM's dense path),
+        # through staging every block was copied.
+        assert total["steps"] > 0
+        assert total["blocks_selected"] == total["blocks_total"] > 0
+        if mode == "in_place":
+            assert total["dense_steps"] == total["steps"]
+            assert total["bytes_swapped"] == 0
+        else:
+            assert total["dense_steps"] == 0
+            assert total["bytes_swapped"] == total["kv_bytes_read"] > 0
+        for i, (want, got) in enumerate(
+            zip(dense["token_ids"], ours["token_ids"], strict=True)
+        ):
+            assert len(want) > 0
+            assert got == want, (mode, i, dense["texts"][i], ours["texts"][i])

@@ -14,6 +14,11 @@ def test_share_of_qwen_shapes() -> None:
     assert share == pytest.approx(partial + 2 / 24)
 
 
+def test_in_place_reads_need_no_staging_room() -> None:
+    share = device_tier_share(24, 64, [20] * 23, staging=False)
+    assert share == pytest.approx(23 * 20 / (24 * 2 * 64))
+
+
 def test_no_sparse_layer_needs_no_room() -> None:
     assert device_tier_share(24, 64, []) == 0.0
 

@@ -2,22 +2,29 @@
 
 Shape follows vLLM's ``cpu_attn.py``: a backend class naming the metadata
 builder and the implementation, subclasses of the CPU ones (vLLM's own CPU
-kernels do all attention math).
+kernels do all attention math). This module is the *attention* piece; which
+blocks are read (selection, placement) and their copy (movement) belong to
+the runtime (``engine/runtime.py``), which it finds on the layer.
 
 * Prefill and chunked prefill: exact, over every earlier block of the host
   tier (vLLM's paged cache).
-* Decode on a sparse layer: the blocks chosen one layer ahead
-  (:mod:`vllm_infinigen.engine.runtime`) were swapped into a staging buffer;
-  the paged kernel runs over a compacted block table of staging slots, the
-  newest partly filled block last, so the sparse sequence length stays valid.
+* Decode on a sparse layer, ``in_place`` placement (the CPU default): the
+  kernel reads the selected host blocks where they lie, through a compacted
+  block table of host block ids (the newest, partly filled block last) and
+  sparse sequence lengths for the decode rows; prefill rows of a mixed batch
+  keep their whole table. A step whose every request fits its budget runs
+  vLLM's dense path unchanged.
+* Decode on a sparse layer, staging placement (``sync`` / ``thread``, the
+  GPU shape): the kernel reads a staging buffer the selected blocks were
+  copied into; prefill rows of a mixed batch are copied in after them.
 * Dense layers (layer 0, ``dense_layers``, sliding-window layers, non-decoder
   attention): exactly vLLM's CPU path.
 
 Decode and prefill rows keep vLLM's batch order (no reordering), and a
-mixed batch runs as one kernel call over staging whose scheduler metadata is
-computed exactly as dense attention computes it: with a budget covering every
-block, the kernel sees the same sequence lengths in the same order and the
-output is bit-identical to vLLM's default backend.
+mixed batch runs as one kernel call whose scheduler metadata is computed
+exactly as dense attention computes it: with a budget covering every block,
+the kernel sees the same sequence lengths in the same order and the output
+is bit-identical to vLLM's default backend.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_infinigen.config import InfiniGenConfig
 from vllm_infinigen.engine.copier import BlockCopier
-from vllm_infinigen.engine.runtime import get_runtime
+from vllm_infinigen.engine.layer_state import LAYER_ATTR, PreparedRead, SparseLayer
+from vllm_infinigen.engine.policies.base import BlockPolicy
 from vllm_infinigen.engine.startup import announce
+from vllm_infinigen.method.selection import num_blocks_of
 
 BACKEND_NAME = "INFINIGEN"
 
@@ -68,7 +77,8 @@ class InfiniGenCPUBackend(CPUAttentionBackend):
 
 @dataclass
 class InfiniGenCPUMetadata(CPUAttentionMetadata):
-    """CPU metadata plus the decode/prefill split of the batch."""
+    """CPU metadata plus the decode/prefill split of the batch (computed
+    once per step, shared by every layer of the KV cache group)."""
 
     num_decodes: int = 0
     """Requests with one new token this step."""
@@ -76,13 +86,18 @@ class InfiniGenCPUMetadata(CPUAttentionMetadata):
     """``[num_decodes]`` int64 their rows in the batch."""
     decode_token_idx: torch.Tensor | None = None
     """``[num_decodes]`` int64 their query tokens."""
+    decode_block_table: torch.Tensor | None = None
+    """``[num_decodes, max_blocks]`` their rows of the block table."""
+    decode_seq_lens: torch.Tensor | None = None
+    """``[num_decodes]`` their sequence lengths."""
     prefill_req_idx: torch.Tensor | None = None
     """``[num_prefills]`` int64 rows of the other requests."""
     max_decode_seq_len: int = 0
     prefill_src_block_ids: torch.Tensor | None = None
-    """``[num_prefill_blocks]`` int64 host block ids of every block of every
-    prefill request (request after request), when the batch also has
-    decodes: prefills read their whole context, so it is swapped in whole."""
+    """Staging placement only: ``[num_prefill_blocks]`` int64 host block ids
+    of every block of every prefill request (request after request), when
+    the batch also has decodes: prefills read their whole context, so it is
+    copied in whole."""
     prefill_rel_table: torch.Tensor | None = None
     """``[num_prefills, width]`` int32 slots of those blocks relative to the
     first prefill slot (0 past a request's last block)."""
@@ -100,6 +115,8 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
+        self.staging = config.swap_mode != "in_place"
 
     def build(
         self,
@@ -122,10 +139,12 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return meta
         meta.decode_req_idx = decode_idx
         meta.decode_token_idx = query_start_loc[decode_idx].long()
-        meta.max_decode_seq_len = int(base.seq_lens[decode_idx].max())
+        meta.decode_block_table = base.block_table[decode_idx]
+        meta.decode_seq_lens = base.seq_lens[decode_idx]
+        meta.max_decode_seq_len = int(meta.decode_seq_lens.max())
         prefill_idx = torch.nonzero(~is_decode).flatten()
         meta.prefill_req_idx = prefill_idx
-        if prefill_idx.numel():
+        if prefill_idx.numel() and self.staging:
             self._plan_prefill_blocks(meta, prefill_idx)
         return meta
 
@@ -160,12 +179,18 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
         self.infinigen_config = InfiniGenConfig.from_additional_config(
             vllm_config.additional_config
         )
-        mode = (
-            "swap-in decode, budget covers every block (exact)"
-            if self.infinigen_config.is_exact
-            else "sparse swap-in decode"
+        config = self.infinigen_config
+        where = (
+            "in place from the host tier"
+            if config.swap_mode == "in_place"
+            else f"through staging ({config.swap_mode} copy)"
         )
-        announce(vllm_config, self.infinigen_config, mode=mode)
+        mode = (
+            f"budget covers every block (exact), read {where}"
+            if config.is_exact
+            else f"sparse decode, selected blocks read {where}"
+        )
+        announce(vllm_config, config, mode=mode)
 
     # --------------------------------------------------------------- KV write
     def do_kv_cache_update(
@@ -177,12 +202,9 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
         slot_mapping: torch.Tensor,
     ) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        runtime = get_runtime()
-        if runtime is None:
-            return
-        info = runtime.layer_of(str(getattr(layer, "layer_name", "")))
-        if info is not None and info.sparse:
-            runtime.write_partial_keys(info, key, kv_cache, slot_mapping)
+        state: SparseLayer | None = getattr(layer, LAYER_ATTR, None)
+        if state is not None:
+            state.runtime.on_kv_write(state, key, kv_cache, slot_mapping)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -197,31 +219,27 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        runtime = get_runtime()
-        info = None if runtime is None else runtime.layer_of(str(layer.layer_name))
-        pending = None
-        if (
-            runtime is not None
-            and info is not None
-            and info.sparse
-            and isinstance(attn_metadata, InfiniGenCPUMetadata)
-        ):
-            if attn_metadata.num_decodes > 0:
-                pending = runtime.take(info.index)
-                if pending is None:  # a policy that chooses at the layer
-                    rows = attn_metadata.decode_req_idx
-                    assert rows is not None
-                    pending = runtime.select_at_attention(
-                        info,
-                        query[attn_metadata.decode_token_idx],
-                        attn_metadata.block_table[rows],
-                        attn_metadata.seq_lens[rows],
-                        attn_metadata.max_decode_seq_len,
-                        extra_slots=attn_metadata.num_prefill_blocks,
+        state: SparseLayer | None = getattr(layer, LAYER_ATTR, None)
+        read = None
+        if state is not None and isinstance(attn_metadata, InfiniGenCPUMetadata):
+            runtime = state.runtime
+            meta = attn_metadata
+            if meta.num_decodes > 0:
+                read = runtime.take(state)
+                if read is None and not runtime.policy.ahead:
+                    assert meta.decode_block_table is not None
+                    assert meta.decode_seq_lens is not None
+                    read = runtime.prepare_at_attention(
+                        state,
+                        query[meta.decode_token_idx],
+                        meta.decode_block_table,
+                        meta.decode_seq_lens,
+                        meta.max_decode_seq_len,
+                        extra_slots=meta.num_prefill_blocks,
                     )
-            if "h2o" in runtime.tracked:
-                self._observe(runtime, info, layer, query, kv_cache, attn_metadata)
-        if pending is None or runtime is None or info is None:
+            for observer in runtime.observers:
+                self._observe(observer, state, query, meta, read)
+        if read is None or state is None:
             return super().forward(
                 layer,
                 query,
@@ -234,34 +252,25 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
                 output_block_scale,
             )
         assert isinstance(attn_metadata, InfiniGenCPUMetadata)
-        if "h2o" in runtime.tracked:
-            rows = attn_metadata.decode_token_idx
-            runtime.observe_decode(info, layer.isa, query[rows], pending.plan, kv_cache)
-        num_tokens = attn_metadata.num_actual_tokens
-        stats = runtime.stats.layer(info.index)
-
-        staging = runtime.finish_swap(info.index, pending)
-        plan = pending.plan
-        decode_rows = attn_metadata.decode_req_idx
+        meta = attn_metadata
+        decode_rows = meta.decode_req_idx
         assert decode_rows is not None
-        # Decode rows read their compacted staging slots and sparse lengths;
-        # prefill rows (if any) read their whole context, swapped in after.
-        seq_lens = attn_metadata.seq_lens.clone()
+        plan = read.plan
+        # Decode rows read their compacted table and sparse lengths; prefill
+        # rows (if any) read their whole context.
+        seq_lens = meta.seq_lens.clone()
         seq_lens[decode_rows] = plan.sparse_seq_lens.to(seq_lens.dtype)
-        tables = [(decode_rows, plan.compact_block_table)]
-        prefill_src = attn_metadata.prefill_src_block_ids
-        prefill_rows = attn_metadata.prefill_req_idx
-        rel_table = attn_metadata.prefill_rel_table
-        if (
-            prefill_src is not None
-            and prefill_rows is not None
-            and rel_table is not None
-        ):
-            BlockCopier.copy_at(kv_cache, staging, prefill_src, plan.total_blocks)
-            stats.prefill_blocks_read += attn_metadata.num_prefill_blocks
-            tables.append((prefill_rows, rel_table + plan.total_blocks))
-        block_table = _scatter_tables(seq_lens.shape[0], tables)
-        staged_k, staged_v = _split_kv(staging)
+        if read.handle is None:  # in place: host block ids
+            cache = kv_cache
+            block_table = meta.block_table.clone()
+            width = plan.compact_block_table.shape[1]
+            block_table[decode_rows, :width] = plan.compact_block_table.to(
+                block_table.dtype
+            )
+        else:  # staging slots
+            cache = state.runtime.finish_staging(state, read)
+            block_table = self._staging_table(meta, kv_cache, cache, read)
+        staged_k, staged_v = _split_kv(cache)
         start = time.perf_counter()
         scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=seq_lens.shape[0],
@@ -270,55 +279,96 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
             head_dim=self.head_size,
             seq_lens=seq_lens,
             dtype=self.model_dtype,
-            query_start_loc=attn_metadata.query_start_loc,
-            causal=bool(attn_metadata.causal),
+            query_start_loc=meta.query_start_loc,
+            causal=bool(meta.causal),
             sliding_window_size=-1,
             isa=layer.isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
             dynamic_causal=None,
             kv_cache_dtype=self.kv_cache_dtype,
         )
+        num_tokens = meta.num_actual_tokens
         self._attend(
             layer,
             query[:num_tokens],
             staged_k,
             staged_v,
             output[:num_tokens],
-            attn_metadata.query_start_loc,
+            meta.query_start_loc,
             seq_lens,
             block_table,
             scheduler_metadata,
-            causal=bool(attn_metadata.causal),
+            causal=bool(meta.causal),
         )
-        stats.attention_s += time.perf_counter() - start
+        state.stats.attention_s += time.perf_counter() - start
         return output
 
     @staticmethod
-    def _observe(
-        runtime: Any,
-        info: Any,
-        layer: Any,
-        query: torch.Tensor,
-        kv_cache: torch.Tensor,
+    def _staging_table(
         meta: InfiniGenCPUMetadata,
+        kv_cache: torch.Tensor,
+        staging: torch.Tensor,
+        read: PreparedRead,
+    ) -> torch.Tensor:
+        """Block table over the staging buffer: decode rows' slots, then
+        (mixed batches) the prefill rows' whole contexts copied in after."""
+        plan = read.staging
+        assert meta.decode_req_idx is not None
+        tables = [(meta.decode_req_idx, plan.compact_block_table)]
+        prefill_src = meta.prefill_src_block_ids
+        prefill_rows = meta.prefill_req_idx
+        rel_table = meta.prefill_rel_table
+        if (
+            prefill_src is not None
+            and prefill_rows is not None
+            and rel_table is not None
+        ):
+            BlockCopier.copy_at(kv_cache, staging, prefill_src, plan.total_blocks)
+            tables.append((prefill_rows, rel_table + plan.total_blocks))
+        return _scatter_tables(meta.seq_lens.shape[0], tables)
+
+    @staticmethod
+    def _observe(
+        observer: BlockPolicy,
+        state: SparseLayer,
+        query: torch.Tensor,
+        meta: InfiniGenCPUMetadata,
+        read: PreparedRead | None,
     ) -> None:
-        """H2O: accumulate the mass prefill rows give their context (decode
-        rows are observed over the blocks they read, after selection)."""
+        """Hand a policy that observes attention what this layer attended:
+        prefill rows over their whole context, decode rows over the blocks
+        they read."""
         if meta.num_decodes:
             rows = meta.prefill_req_idx
             prefill_rows = [] if rows is None else rows.tolist()
         else:
             prefill_rows = list(range(meta.seq_lens.shape[0]))
         if prefill_rows:
-            runtime.observe_prefill(
-                info,
-                layer.isa,
+            observer.observe_prefill(
+                state,
                 query,
                 meta.query_start_loc,
                 meta.seq_lens,
                 meta.block_table,
                 prefill_rows,
-                kv_cache,
+            )
+        if meta.num_decodes:
+            assert meta.decode_token_idx is not None
+            if read is not None:
+                plan = read.plan
+                host_ids, counts, lens = (
+                    plan.host_ids,
+                    plan.counts,
+                    plan.sparse_seq_lens,
+                )
+            else:  # the dense path: every block
+                assert meta.decode_block_table is not None
+                assert meta.decode_seq_lens is not None
+                lens = meta.decode_seq_lens
+                counts = num_blocks_of(lens, state.block_size)
+                host_ids = meta.decode_block_table.long()
+            observer.observe_decode(
+                state, query[meta.decode_token_idx], host_ids, counts, lens
             )
 
     def _attend(

@@ -1,48 +1,53 @@
-"""The worker-side state of INFINIGEN: one runtime per worker process.
+"""The worker-side state of INFINIGEN: one runtime per worker, one
+:class:`~.layer_state.SparseLayer` per sparse layer.
 
-Created after the model is loaded (``patches/model_load.py``), it owns, for
-every sparse layer: the calibrated speculator, the device-tier partial-key
-cache (allocated on the first KV write, indexed by vLLM's block ids), the
-selection counters, and this step's pending swap-in. Speculation for layer
-``L`` runs in a forward pre-hook on layer ``L-1``'s ``qkv_proj`` (whose input
-is ``L-1``'s attention input, after its input layernorm); the swap-in it
-starts is consumed by layer ``L``'s attention.
+Built after the model loads (``patches/model_load.py`` -> ``engine/setup.py``)
+and kept on vLLM's model runner (``model_runner.infinigen_runtime``); each
+sparse layer's state is attached to its attention module, where the backend
+finds it. The runtime is platform-neutral: it decides which blocks each
+decode request reads (scores from the active :mod:`policy <.policies>`, then
+:func:`~vllm_infinigen.method.selection.select_blocks`), plans the read
+(placement, ``engine/placement.py``) and, for the staging placement, starts
+the copy (movement, ``engine/copier.py``); the platform's backend runs the
+attention over the plan.
 
-On the CPU build the host tier is vLLM's own paged KV cache (host RAM, sized
-by ``host_pool_gib``), so vLLM's scheduler admits requests by host capacity;
-the device tier (partial keys, staging) is separate memory of ours.
+Two placements (option ``swap_mode``):
+
+* ``in_place`` (the CPU default): the kernel reads the selected host blocks
+  where they lie through a compacted block table of host block ids. When
+  every request of a step fits its budget, or the policy reads everything,
+  the step takes vLLM's own dense path: nothing is prepared.
+* ``sync`` / ``thread`` (staging, the GPU shape): the selected blocks are
+  copied into a staging buffer, inline or on a worker thread, and the kernel
+  reads the staging slots; every decode step goes through the copy, even
+  when every block is read.
+
+Speculation for layer ``L`` runs from a forward pre-hook on layer ``L-1``'s
+``qkv_proj`` (:meth:`InfiniGenRuntime.prepare_ahead`); a policy that needs
+the layer's own query chooses at attention
+(:meth:`InfiniGenRuntime.prepare_at_attention`).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from vllm.logger import init_logger
 
-from vllm_infinigen.config import POLICIES, InfiniGenConfig
-from vllm_infinigen.engine.copier import BlockCopier, SwapHandle
-from vllm_infinigen.engine.key_layout import read_keys
-from vllm_infinigen.engine.staging import StagingPlan, plan_staging
-from vllm_infinigen.engine.stats import EngineStats
-from vllm_infinigen.method.counters import count_selected_blocks, new_selection_counters
+from vllm_infinigen.config import InfiniGenConfig
+from vllm_infinigen.engine.copier import BlockCopier
+from vllm_infinigen.engine.layer_state import LayerInfo, PreparedRead, SparseLayer
+from vllm_infinigen.engine.placement import plan_in_place, plan_staging
+from vllm_infinigen.engine.policies.base import BlockPolicy, PolicyContext
+from vllm_infinigen.engine.policies.registry import POLICIES, make_policy
+from vllm_infinigen.engine.stats import snapshot
+from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.partial_cache import write_partial_keys
-from vllm_infinigen.method.policies import (
-    attention_block_mass,
-    h2o_block_scores,
-    new_key_bounds,
-    quest_block_scores,
-    streaming_block_scores,
-    update_key_bounds,
-)
-from vllm_infinigen.method.scoring import block_scores
 from vllm_infinigen.method.selection import (
-    BlockSelection,
     SelectionPolicy,
+    num_blocks_of,
     select_blocks,
     selection_from_mask,
     valid_blocks,
@@ -50,14 +55,6 @@ from vllm_infinigen.method.selection import (
 from vllm_infinigen.method.speculator import LayerSpeculator
 
 logger = init_logger("vllm.infinigen.runtime")
-
-#: Debug log of the counters every this many decode steps of the first layer.
-STATS_LOG_EVERY = 64
-
-#: H2O: query rows of each prefill chunk whose attention mass is accumulated
-#: (evenly spaced, the chunk's last row included), so prefill pays a fixed
-#: number of extra rows per chunk instead of a second full attention.
-H2O_PREFILL_ROWS = 16
 
 #: Options :meth:`InfiniGenRuntime.reconfigure` may change while serving;
 #: the others size memory or calibration and are fixed at start-up.
@@ -72,17 +69,13 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
 )
 
 
-def selection_policy(config: InfiniGenConfig) -> SelectionPolicy:
-    """The block-selection parameters of a configuration.
-
-    InfiniGen keeps its ``alpha`` threshold; the peer policies take pure
-    top-k by their scores, so every policy reads the same number of blocks
-    per request per layer (equal budget).
-    """
-    threshold = config.policy == "infinigen" and not config.is_exact
+def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionPolicy:
+    """The block-selection parameters of a configuration and policy: a policy
+    that uses ``alpha`` keeps its threshold, the others take pure top-k, so
+    every policy reads the same number of blocks per request at one budget."""
+    threshold = policy.uses_alpha and not config.is_exact
     return SelectionPolicy(
-        # A budget covering every block fetches every block: exact.
-        alpha=config.alpha if threshold else math.inf,
+        alpha=config.alpha if threshold else float("inf"),
         budget_fraction=config.budget,
         max_blocks=config.max_blocks,
         sink_blocks=config.sink_blocks,
@@ -91,390 +84,249 @@ def selection_policy(config: InfiniGenConfig) -> SelectionPolicy:
     )
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the runtime knows of one attention layer of the model."""
-
-    index: int
-    name: str
-    scale: float
-    sparse: bool
-    reason: str
-    """Why the layer is dense (empty when sparse)."""
-
-
-@dataclass
-class PendingSwap:
-    """One sparse layer's swap-in for the current step."""
-
-    plan: StagingPlan
-    handle: SwapHandle
-    host: torch.Tensor
-
-
 class InfiniGenRuntime:
-    """Speculation, selection and swap-in for every sparse layer of a model."""
+    """Selection, placement and (staging) movement for every sparse layer."""
 
     def __init__(
         self,
         config: InfiniGenConfig,
         layers: dict[int, LayerInfo],
         speculators: dict[int, LayerSpeculator],
-        block_size: int,
-        swap_mode: str,
+        context: PolicyContext,
     ) -> None:
         self.config = config
         self.layers = layers
-        self.by_name = {info.name: info for info in layers.values()}
-        self.speculators = speculators
-        self.block_size = block_size
-        self.policy = selection_policy(config)
-        self.tracked: set[str] = {config.policy}
-        """Policies whose device metadata is maintained (the configured one
-        plus any named by :meth:`track`)."""
-        self.key_bounds: dict[int, torch.Tensor] = {}
-        """Quest: per layer ``[num_blocks, 2, num_kv_heads, head_dim]``."""
-        self.mass: dict[int, torch.Tensor] = {}
-        """H2O: per layer ``[num_blocks, num_kv_heads]`` accumulated mass."""
-        self.prefill_mass: dict[int, torch.Tensor] = {}
-        """H2O: the part of :attr:`mass` that prefill queries gave, without
-        the rows of each chunk's last block (which a request that reuses the
-        prompt from the prefix cache computes, and observes, again)."""
-        self.key_order: torch.Tensor | None = None
-        """H2O: packed order of a key tile (engine/key_layout.py)."""
-        self.key_check: Callable[[], None] | None = None
-        """Raises when the host tier's keys cannot be read back (H2O)."""
-        self.copier = BlockCopier(swap_mode)
-        self.partial_caches: dict[int, torch.Tensor] = {}
-        self.counters: dict[int, torch.Tensor] = {}
-        self.pending: dict[int, PendingSwap] = {}
-        self.host_caches: dict[int, torch.Tensor] = {}
-        self.stats = EngineStats()
-        self._steps_logged = 0
+        self.context = context
+        self.block_size = context.block_size
+        self.sparse: dict[int, SparseLayer] = {
+            index: SparseLayer(self, info, speculators[index], context.block_size)
+            for index, info in sorted(layers.items())
+            if info.sparse
+        }
+        self.in_place = config.swap_mode == "in_place"
+        self.copier = None if self.in_place else BlockCopier(config.swap_mode)
+        self.policies: dict[str, BlockPolicy] = {}
+        """Tracked policies (their device metadata is maintained)."""
+        self.track([config.policy])
+        self.policy = self.policies[config.policy]
+        self.selection = selection_policy(config, self.policy)
 
-    # ----------------------------------------------------------------- layers
-    def layer_of(self, layer_name: str) -> LayerInfo | None:
-        return self.by_name.get(layer_name)
-
-    def sparse_layer_indices(self) -> list[int]:
-        return sorted(i for i, info in self.layers.items() if info.sparse)
+    @property
+    def speculators(self) -> dict[int, LayerSpeculator]:
+        return {i: layer.speculator for i, layer in self.sparse.items()}
 
     # -------------------------------------------------------- KV write (tier)
-    def write_partial_keys(
+    def on_kv_write(
         self,
-        layer: LayerInfo,
+        layer: SparseLayer,
         key: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Store the new tokens' partial keys of a sparse layer (device tier).
+        """Store the new tokens' partial keys (device tier) and every tracked
+        policy's metadata.
 
         Args:
             key: ``[tokens, num_kv_heads, head_dim]`` post-RoPE keys.
-            kv_cache: the layer's host-tier cache (for its block count).
+            kv_cache: the layer's host-tier cache.
             slot_mapping: ``[tokens]`` slots (``-1`` for padding).
         """
-        speculator = self.speculators[layer.index]
-        cache = self.partial_caches.get(layer.index)
-        if cache is None:
-            num_blocks = kv_cache.shape[0]
-            cache = torch.zeros(
-                num_blocks,
-                self.block_size,
-                speculator.num_kv_heads,
-                speculator.d_partial,
-                dtype=key.dtype,
-                device=key.device,
-            )
-            self.partial_caches[layer.index] = cache
-            self.counters[layer.index] = new_selection_counters(num_blocks, key.device)
-            self.host_caches[layer.index] = kv_cache
-            self.stats.block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+        cache = layer.allocate(kv_cache, key)
         tokens = slot_mapping.shape[0]
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        partial = speculator.partial_keys(key[:tokens])
-        write_partial_keys(cache, partial[keep], slots)
+        keys = key[:tokens][keep]
+        write_partial_keys(cache, layer.speculator.partial_keys(keys), slots)
         # A block written from its first slot is new to its request: its
-        # selection counter starts again (no stale counts after free/reuse).
+        # counters and metadata start again (nothing stale after reuse).
         fresh = (slots[slots % self.block_size == 0] // self.block_size).long()
-        self.counters[layer.index].index_fill_(0, fresh, 0)
-        if "quest" in self.tracked:
-            bounds = self.key_bounds.get(layer.index)
-            if bounds is None:
-                bounds = new_key_bounds(
-                    cache.shape[0],
-                    speculator.num_kv_heads,
-                    speculator.head_dim,
-                    dtype=key.dtype,
-                    device=key.device,
-                )
-                self.key_bounds[layer.index] = bounds
-            update_key_bounds(bounds, key[:tokens][keep], slots, self.block_size)
-        if "h2o" in self.tracked:
-            if layer.index not in self.mass:
-                shape = (cache.shape[0], speculator.num_kv_heads)
-                self.mass[layer.index] = torch.zeros(shape, device=key.device)
-                self.prefill_mass[layer.index] = torch.zeros(shape, device=key.device)
-            self.mass[layer.index].index_fill_(0, fresh, 0.0)
-            self.prefill_mass[layer.index].index_fill_(0, fresh, 0.0)
+        assert layer.counters is not None
+        layer.counters.index_fill_(0, fresh, 0)
+        for policy in self.policies.values():
+            policy.on_kv_write(layer, keys, slots, fresh)
 
-    # ------------------------------------------------------------ speculation
-    def speculate_and_swap(
+    # ------------------------------------------------------------- selection
+    def reads_everything(self, max_seq_len: int) -> bool:
+        """Whether every block of every decode request would be read: the
+        policy reads everything, the budget covers every block, or no request
+        is longer than its forced blocks (``max_seq_len``: the longest)."""
+        if self.config.is_exact or self.policy.reads_everything:
+            return True
+        width = (max_seq_len + self.block_size - 1) // self.block_size
+        policy = self.selection
+        return width <= max(
+            policy.sink_blocks + policy.recent_blocks, policy.effective_min_blocks
+        )
+
+    def prepare_ahead(
         self,
-        layer: LayerInfo,
-        x: torch.Tensor,
+        layer: SparseLayer,
+        x: torch.Tensor | None,
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
         max_seq_len: int,
         extra_slots: int = 0,
     ) -> None:
-        """Choose layer ``layer``'s blocks for the decode requests and start
-        their swap-in.
+        """Choose layer ``layer``'s blocks for the decode requests, one layer
+        ahead, and prepare their read.
 
         Args:
             x: ``[num_decodes, hidden]`` the previous layer's attention input
-                of the decode tokens (one per request).
+                of the decode tokens (``None`` when the policy does not use it).
             block_table: ``[num_decodes, max_blocks]`` physical block ids.
-            seq_lens: ``[num_decodes]`` tokens per request, this step's
-                token included.
-            max_seq_len: ``max(seq_lens)`` (host int; sizes the score table).
+            seq_lens: ``[num_decodes]`` tokens per request, this step's token
+                included.
+            max_seq_len: ``max(seq_lens)`` (a host int from the metadata).
             extra_slots: staging room to keep for this step's prefill blocks.
         """
-        cache = self.partial_caches.get(layer.index)
-        if cache is None:  # no KV written yet (profiling run)
+        if layer.partial_cache is None:  # no KV written yet (profiling run)
             return
-        stale = self.pending.pop(layer.index, None)
-        if stale is not None:  # an aborted step left it: finish before reuse
-            stale.handle.wait()
+        if layer.pending is not None:  # an aborted step left it
+            self._drop(layer)
         start = time.perf_counter()
         width = (max_seq_len + self.block_size - 1) // self.block_size
         table = block_table[:, :width]
-        if self._selects_everything(width):
-            # Every block would be chosen (full budget, or no request longer
-            # than its forced blocks): skip the scoring.
+        if self.reads_everything(max_seq_len):
+            if self.in_place:  # vLLM's dense path reads the host tier as is
+                n_blocks = num_blocks_of(seq_lens, self.block_size)
+                layer.tally(n_blocks, n_blocks)
+                layer.stats.steps += 1
+                layer.stats.dense_steps += 1
+                return
             selection = selection_from_mask(
                 valid_blocks(seq_lens, self.block_size, width)
             )
-        elif self.config.policy == "quest":
-            return  # Quest needs this layer's own query: chosen at attention
+        elif not self.policy.ahead:
+            return  # chosen at attention, from the layer's own query
         else:
-            scores = self._scores_ahead(layer, x, table, seq_lens, width)
-            selection = select_blocks(scores, seq_lens, self.block_size, self.policy)
-        self._submit(layer, selection, table, seq_lens, extra_slots, start)
+            assert x is not None
+            scores = self.policy.scores_ahead(layer, x, table, seq_lens, self.selection)
+            selection = select_blocks(scores, seq_lens, self.block_size, self.selection)
+        self._prepare(layer, selection, table, seq_lens, extra_slots, start)
 
-    def select_at_attention(
+    def needs_input(self) -> bool:
+        """Whether :meth:`prepare_ahead` reads the previous layer's input."""
+        return self.policy.ahead and not self.policy.reads_everything
+
+    def prepare_at_attention(
         self,
-        layer: LayerInfo,
+        layer: SparseLayer,
         query: torch.Tensor,
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
         max_seq_len: int,
         extra_slots: int = 0,
-    ) -> PendingSwap | None:
-        """Quest: choose this layer's blocks from its real decode queries
-        (``[num_decodes, num_heads, head_dim]``) and swap them in now.
+    ) -> PreparedRead | None:
+        """A policy that chooses from the layer's real decode queries
+        (``[num_decodes, num_heads, head_dim]``): choose and prepare now.
 
-        Returns the swap-in, or None when this layer chose one layer ahead or
-        has no metadata yet (profiling run).
+        Returns the read, or None when this layer chose one layer ahead,
+        takes the dense path, or has no KV yet (profiling run).
         """
-        bounds = self.key_bounds.get(layer.index)
-        if self.config.policy != "quest" or bounds is None:
+        if (
+            self.policy.ahead
+            or layer.partial_cache is None
+            or self.reads_everything(max_seq_len)
+        ):
             return None
         start = time.perf_counter()
         width = (max_seq_len + self.block_size - 1) // self.block_size
         table = block_table[:, :width]
-        scores = quest_block_scores(
-            query, bounds, table, seq_lens, self.block_size, layer.scale
+        scores = self.policy.scores_at_attention(
+            layer, query, table, seq_lens, self.selection
         )
-        selection = select_blocks(scores, seq_lens, self.block_size, self.policy)
-        self._submit(layer, selection, table, seq_lens, extra_slots, start)
-        return self.take(layer.index)
+        selection = select_blocks(scores, seq_lens, self.block_size, self.selection)
+        self._prepare(layer, selection, table, seq_lens, extra_slots, start)
+        return self.take(layer)
 
-    def _scores_ahead(
+    def _prepare(
         self,
-        layer: LayerInfo,
-        x: torch.Tensor,
-        table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        width: int,
-    ) -> torch.Tensor:
-        """Block scores of the policies that choose one layer ahead."""
-        policy = self.config.policy
-        speculator = self.speculators[layer.index]
-        if policy == "streaming":
-            return streaming_block_scores(
-                seq_lens, self.block_size, width, speculator.num_kv_heads
-            )
-        if policy == "h2o":
-            mass = self.mass.get(layer.index)
-            if mass is None:  # tracking began this step: no mass yet
-                mass = torch.zeros(
-                    self.partial_caches[layer.index].shape[0],
-                    speculator.num_kv_heads,
-                    device=x.device,
-                )
-            return h2o_block_scores(mass, table, seq_lens, self.block_size, self.policy)
-        query = speculator.speculate(x, (seq_lens - 1).long())
-        cache = self.partial_caches[layer.index]
-        return block_scores(
-            query, cache, table, seq_lens, layer.scale, self.policy.score_rule
-        )
-
-    def _submit(
-        self,
-        layer: LayerInfo,
-        selection: BlockSelection,
+        layer: SparseLayer,
+        selection: Any,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
         extra_slots: int,
         start: float,
     ) -> None:
-        """Place a selection in staging, count it and start its copy."""
-        plan = plan_staging(selection, table, seq_lens, self.block_size)
-        count_selected_blocks(self.counters[layer.index], table, selection)
-        host = self.host_caches[layer.index]
-        spec_s = time.perf_counter() - start
-        handle = self.copier.submit(
-            layer.index, host, plan.src_block_ids, extra_slots=extra_slots
+        """Plan a selection's read, count it and (staging) start its copy."""
+        assert layer.counters is not None and layer.host_cache is not None
+        count_selected_blocks(layer.counters, table, selection)
+        if self.copier is None:
+            plan = plan_in_place(selection, table, seq_lens, self.block_size)
+            layer.pending = PreparedRead(plan)
+            layer.tally(plan.dense_counts, plan.counts)
+            layer.stats.speculation_s += time.perf_counter() - start
+        else:
+            staged = plan_staging(selection, table, seq_lens, self.block_size)
+            layer.tally(staged.dense_counts, staged.counts)
+            layer.stats.speculation_s += time.perf_counter() - start
+            handle = self.copier.submit(
+                layer.index,
+                layer.host_cache,
+                staged.src_block_ids,
+                extra_slots=extra_slots,
+            )
+            layer.pending = PreparedRead(staged, handle)
+        layer.stats.steps += 1
+
+    def take(self, layer: SparseLayer) -> PreparedRead | None:
+        """This step's read for a layer (removed: each is used once)."""
+        pending, layer.pending = layer.pending, None
+        return pending
+
+    def finish_staging(self, layer: SparseLayer, read: PreparedRead) -> torch.Tensor:
+        """Wait for a layer's staging copy, re-copy the newest blocks (written
+        this step, after the copy started) and return the staging buffer."""
+        assert read.handle is not None and layer.host_cache is not None
+        staging = read.handle.wait()
+        plan = read.staging
+        BlockCopier.refresh(
+            layer.host_cache, staging, plan.newest_src, plan.newest_slot
         )
-        self.pending[layer.index] = PendingSwap(plan, handle, host)
-        stats = self.stats.layer(layer.index)
-        stats.speculation_s += spec_s
-        stats.steps += 1
-        stats.decode_requests += int(seq_lens.shape[0])
-        stats.blocks_total += plan.dense_blocks
-        stats.blocks_selected += plan.total_blocks
-        stats.bytes_swapped += plan.total_blocks * self.stats.block_bytes
+        layer.stats.swap_s += read.handle.copy_s
+        layer.stats.wait_s += read.handle.wait_s
+        return staging
 
-    def _selects_everything(self, width: int) -> bool:
-        """Whether selection keeps every block of requests ``width`` blocks
-        long or shorter (``width``: the longest decode request's blocks)."""
-        policy = self.policy
-        if self.config.is_exact:
-            return True
-        return width <= max(
-            policy.sink_blocks + policy.recent_blocks, policy.effective_min_blocks
-        )
+    def _drop(self, layer: SparseLayer) -> None:
+        read = self.take(layer)
+        if read is not None and read.handle is not None:
+            read.handle.wait()
 
-    # ------------------------------------------------------- H2O observation
-    def _key_order(self, isa: str, kv_cache: torch.Tensor) -> torch.Tensor:
-        if self.key_order is None:
-            from vllm_infinigen.engine.key_layout import key_tile_order
-
-            _, _, block_size, two_head = kv_cache.shape
-            self.key_order = key_tile_order(
-                isa, block_size, two_head // 2, kv_cache.dtype, "auto"
-            )
-        return self.key_order
-
-    def observe_decode(
-        self,
-        layer: LayerInfo,
-        isa: str,
-        query: torch.Tensor,
-        plan: StagingPlan,
-        kv_cache: torch.Tensor,
-    ) -> None:
-        """H2O: add the attention mass of this step's decode queries over the
-        blocks they read (``query``: ``[num_decodes, num_heads, head_dim]``)."""
-        mass = self.mass.get(layer.index)
-        if mass is None:
-            return
-        order = self._key_order(isa, kv_cache)
-        counts = plan.counts.tolist()
-        sparse_lens = plan.sparse_seq_lens.tolist()
-        start = 0
-        for r, count in enumerate(counts):
-            ids = plan.src_block_ids[start : start + count]
-            start += count
-            keys = read_keys(kv_cache, ids, order)
-            length = int(sparse_lens[r])
-            position = torch.tensor([length - 1], device=query.device)
-            got = attention_block_mass(
-                query[r : r + 1], keys, position, length, self.block_size, layer.scale
-            )
-            mass.index_add_(0, ids.long(), got)
-
-    def observe_prefill(
-        self,
-        layer: LayerInfo,
-        isa: str,
-        query: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        seq_lens: torch.Tensor,
-        block_table: torch.Tensor,
-        rows: list[int],
-        kv_cache: torch.Tensor,
-    ) -> None:
-        """H2O: add the attention mass of up to :data:`H2O_PREFILL_ROWS`
-        query rows of each prefill request in ``rows`` over its context."""
-        mass = self.mass.get(layer.index)
-        if mass is None:
-            return
-        order = self._key_order(isa, kv_cache)
-        for r in rows:
-            begin, end = int(query_start_loc[r]), int(query_start_loc[r + 1])
-            seq_len = int(seq_lens[r])
-            query_len = end - begin
-            picks = (
-                torch.linspace(0, query_len - 1, min(query_len, H2O_PREFILL_ROWS))
-                .round()
-                .long()
-                .unique()
-            )
-            positions = seq_len - query_len + picks
-            n_blocks = (seq_len + self.block_size - 1) // self.block_size
-            ids = block_table[r, :n_blocks].long()
-            keys = read_keys(kv_cache, ids, order)
-            # Rows of the chunk's last block go to the live mass only: when
-            # the prompt ends in this chunk, a later request with the same
-            # prompt recomputes that block (the prefix cache keeps full
-            # blocks and always recomputes the prompt's last one), and the
-            # mass that reconfigure restores must count each row once.
-            tail = positions >= (seq_len - 1) // self.block_size * self.block_size
-            for part, to_prefill in ((~tail, True), (tail, False)):
-                if not bool(part.any()):
-                    continue
-                got = attention_block_mass(
-                    query[begin + picks[part]],
-                    keys,
-                    positions[part],
-                    seq_len,
-                    self.block_size,
-                    layer.scale,
-                )
-                mass.index_add_(0, ids, got)
-                if to_prefill:
-                    self.prefill_mass[layer.index].index_add_(0, ids, got)
+    @property
+    def observers(self) -> list[BlockPolicy]:
+        """Tracked policies that observe attention."""
+        return [p for p in self.policies.values() if p.observes_attention]
 
     # ------------------------------------------------------- reconfiguration
     def track(self, policies: list[str] | tuple[str, ...]) -> list[str]:
         """Maintain these policies' device metadata from now on (blocks
-        written earlier have none: Quest ranks them first, H2O as massless),
-        so a later :meth:`reconfigure` to them finds it ready."""
+        written earlier have none), so a later :meth:`reconfigure` to them
+        finds it ready."""
         unknown = [p for p in policies if p not in POLICIES]
         if unknown:
             raise ValueError(
                 f"infinigen option 'policy' must be one of {list(POLICIES)}, "
                 f"got {unknown[0]!r}"
             )
-        if "h2o" in policies and self.key_check is not None:
-            self.key_check()
-        self.tracked.update(policies)
-        return sorted(self.tracked)
+        for name in policies:
+            if name not in self.policies:
+                policy = make_policy(name, self.context)
+                policy.check_supported()
+                self.policies[name] = policy
+        return sorted(self.policies)
 
     def reconfigure(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Change selection options between requests (benchmarks sweep
-        policies and budgets on one engine). Validated like start-up options;
-        H2O's decode-time mass is cleared (each run starts from prefill's).
+        """Change selection options between requests. Validated like start-up
+        options; every tracked policy starts a new run (H2O's decode-time
+        mass is cleared back to prefill's).
 
         Returns the effective options.
         """
+        names = InfiniGenConfig.option_names()
         fixed = [
             key
             for key in options
-            if key.replace("-", "_") in InfiniGenConfig.option_names()
+            if key.replace("-", "_") in names
             and key.replace("-", "_") not in RUNTIME_OPTIONS
         ]
         if fixed:
@@ -485,116 +337,48 @@ class InfiniGenRuntime:
         merged = self.config.to_dict()
         merged.update({key.replace("-", "_"): value for key, value in options.items()})
         config = InfiniGenConfig.from_dict(merged)
-        if self.pending:
+        if any(layer.pending is not None for layer in self.sparse.values()):
             raise RuntimeError("INFINIGEN: reconfigure called during a step")
-        self.config = config
-        self.policy = selection_policy(config)
         self.track([config.policy])
-        with torch.inference_mode():  # the tensors were made in a forward
-            for index, mass in self.mass.items():
-                mass.copy_(self.prefill_mass[index])
+        self.config = config
+        self.policy = self.policies[config.policy]
+        self.selection = selection_policy(config, self.policy)
+        for policy in self.policies.values():
+            policy.start_run()
         return config.to_dict()
 
-    def take(self, layer_index: int) -> PendingSwap | None:
-        """This step's swap-in for a layer (removed: each is used once)."""
-        return self.pending.pop(layer_index, None)
+    # ----------------------------------------------------------------- stats
+    def reset_stats(self) -> None:
+        for layer in self.sparse.values():
+            layer.reset_stats()
 
-    def finish_swap(self, layer_index: int, pending: PendingSwap) -> torch.Tensor:
-        """Wait for a layer's swap-in, re-copy the newest blocks (written this
-        step, after the swap-in started) and return the staging buffer."""
-        staging = pending.handle.wait()
-        BlockCopier.refresh(
-            pending.host, staging, pending.plan.newest_src, pending.plan.newest_slot
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Counters of this worker, JSON-ready."""
+        layers = list(self.sparse.values())
+        out = snapshot(layers, staging=not self.in_place)
+        out["block_bytes"] = layers[0].block_bytes if layers else 0
+        out["staging_peak_blocks"] = (
+            0 if self.copier is None else self.copier.staging.peak_blocks
         )
-        stats = self.stats.layer(layer_index)
-        stats.swap_s += pending.handle.copy_s
-        stats.wait_s += pending.handle.wait_s
-        return staging
+        out["pending_reads"] = sum(layer.pending is not None for layer in layers)
+        out["partial_cache_bytes"] = sum(
+            0 if layer.partial_cache is None else layer.partial_cache.nbytes
+            for layer in layers
+        )
+        out["host_kv_bytes"] = sum(
+            0 if layer.host_cache is None else layer.host_cache.nbytes
+            for layer in layers
+        )
+        for name in POLICIES:
+            # Untracked policies report their (empty) metadata too.
+            policy = self.policies.get(name) or make_policy(name, self.context)
+            out.update(policy.metadata_bytes())
+            out.update(policy.stats())
+        out["policy"] = self.config.policy
+        out["budget"] = self.config.budget
+        out["swap_mode"] = self.config.swap_mode
+        return out
 
-    def end_of_step_check(self) -> None:
-        """Drop swap-ins no attention consumed (never expected; logged)."""
-        if self.pending:
-            logger.warning(
-                "INFINIGEN: dropping unused swap-ins for layers %s",
-                sorted(self.pending),
-            )
-            for pending in self.pending.values():
-                pending.handle.wait()
-            self.pending.clear()
-
-    def maybe_log_stats(self) -> None:
-        first = self.sparse_layer_indices()[:1]
-        if not first:
-            return
-        steps = self.stats.layer(first[0]).steps
-        if steps - self._steps_logged >= STATS_LOG_EVERY:
-            self._steps_logged = steps
-            logger.debug("INFINIGEN stats: %s", self.stats.snapshot()["total"])
-
-
-_RUNTIME: InfiniGenRuntime | None = None
-
-
-def get_runtime() -> InfiniGenRuntime | None:
-    """The runtime of this worker process, if the model has been set up."""
-    return _RUNTIME
-
-
-def set_runtime(runtime: InfiniGenRuntime | None) -> None:
-    global _RUNTIME
-    if _RUNTIME is not None and _RUNTIME is not runtime:
-        _RUNTIME.copier.shutdown()
-    _RUNTIME = runtime
-
-
-def stats_snapshot() -> dict[str, object]:
-    """Counters of this worker process (JSON-ready)."""
-    runtime = get_runtime()
-    if runtime is None:
-        return {}
-    snapshot = runtime.stats.snapshot()
-    snapshot["staging_peak_blocks"] = runtime.copier.staging.peak_blocks
-    snapshot["pending_swaps"] = len(runtime.pending)
-    snapshot["partial_cache_bytes"] = _nbytes(runtime.partial_caches)
-    snapshot["key_bounds_bytes"] = _nbytes(runtime.key_bounds)
-    snapshot["h2o_mass_bytes"] = _nbytes(runtime.mass) + _nbytes(runtime.prefill_mass)
-    snapshot["h2o_prefill_mass"] = float(
-        sum(float(t.sum()) for t in runtime.prefill_mass.values())
-    )
-    snapshot["host_kv_bytes"] = _nbytes(runtime.host_caches)
-    snapshot["policy"] = runtime.config.policy
-    snapshot["budget"] = runtime.config.budget
-    return snapshot
-
-
-def _nbytes(tensors: dict[int, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def configure(options: dict[str, Any]) -> dict[str, Any]:
-    """Reconfigure this worker's runtime (see :meth:`InfiniGenRuntime.reconfigure`)."""
-    runtime = get_runtime()
-    if runtime is None:
-        raise RuntimeError("INFINIGEN is not set up in this worker")
-    return runtime.reconfigure(options)
-
-
-def track(policies: list[str]) -> list[str]:
-    """Maintain these policies' metadata in this worker (see
-    :meth:`InfiniGenRuntime.track`)."""
-    runtime = get_runtime()
-    if runtime is None:
-        raise RuntimeError("INFINIGEN is not set up in this worker")
-    return runtime.track(policies)
-
-
-def reset_stats() -> bool:
-    """Zero the counters of this worker process."""
-    runtime = get_runtime()
-    if runtime is not None:
-        runtime.stats.reset()
-        runtime._steps_logged = 0
-    return True
-
-
-PreHook = Callable[[torch.nn.Module, tuple[Any, ...]], None]
+    def shutdown(self) -> None:
+        if self.copier is not None:
+            self.copier.shutdown()

@@ -8,6 +8,7 @@ layer ``L``'s speculation and starts its swap-in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,12 +20,11 @@ from vllm.v1.attention.backend import AttentionType
 
 from vllm_infinigen.config import InfiniGenConfig
 from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata
-from vllm_infinigen.engine.runtime import (
-    InfiniGenRuntime,
-    LayerInfo,
-    PreHook,
-    set_runtime,
-)
+from vllm_infinigen.engine.layer_state import LAYER_ATTR, LayerInfo, SparseLayer
+from vllm_infinigen.engine.policies.base import PolicyContext
+from vllm_infinigen.engine.runtime import InfiniGenRuntime
+
+PreHook = Callable[[torch.nn.Module, tuple[Any, ...]], None]
 
 logger = init_logger("vllm.infinigen.setup")
 
@@ -68,22 +68,26 @@ def classify_layers(
     return infos
 
 
-def _make_hook(runtime: InfiniGenRuntime, target: LayerInfo) -> PreHook:
+def _make_hook(runtime: InfiniGenRuntime, target: SparseLayer) -> PreHook:
+    name = target.info.name
+
     def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if not is_forward_context_available():
             return
         all_metadata = get_forward_context().attn_metadata
         if not isinstance(all_metadata, dict):
             return
-        meta = all_metadata.get(target.name)
+        meta = all_metadata.get(name)
         if not isinstance(meta, InfiniGenCPUMetadata) or not meta.num_decodes:
             return
-        rows = meta.decode_req_idx
-        runtime.speculate_and_swap(
+        assert meta.decode_block_table is not None
+        assert meta.decode_seq_lens is not None
+        x = args[0][meta.decode_token_idx] if runtime.needs_input() else None
+        runtime.prepare_ahead(
             target,
-            args[0][meta.decode_token_idx],
-            meta.block_table[rows],
-            meta.seq_lens[rows],
+            x,
+            meta.decode_block_table,
+            meta.decode_seq_lens,
             meta.max_decode_seq_len,
             extra_slots=meta.num_prefill_blocks,
         )
@@ -91,25 +95,32 @@ def _make_hook(runtime: InfiniGenRuntime, target: LayerInfo) -> PreHook:
     return hook
 
 
-def _key_layout_check(vllm_config: VllmConfig, speculators: dict[int, Any]) -> Any:
-    """A check that vLLM's CPU key packing can be read back (H2O needs it);
-    raises a ValueError naming the policy when it cannot."""
+def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyContext:
+    """What the CPU platform offers the policies: reading keys back out of
+    vLLM's packed CPU cache (H2O), checked before a policy relies on it."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from vllm_infinigen.engine.key_layout import key_tile_order
+    from vllm_infinigen.engine.key_layout import key_tile_order, read_keys
 
-    if not speculators:
-        return None
-    head_dim = next(iter(speculators.values())).head_dim
     block_size = vllm_config.cache_config.block_size
     dtype: Any = vllm_config.model_config.dtype
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if head_dim is None:
+        return PolicyContext(block_size=block_size)
+
+    def order() -> torch.Tensor:
+        isa = _get_attn_isa(dtype, block_size, head_dim, cache_dtype)
+        return key_tile_order(isa, block_size, head_dim, dtype, cache_dtype)
+
+    def reader(host_cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return read_keys(host_cache, ids, order())
 
     def check() -> None:
-        isa = _get_attn_isa(dtype, block_size, head_dim, cache_dtype)
-        key_tile_order(isa, block_size, head_dim, dtype, cache_dtype)
+        order()  # raises UnreadableKeyLayout (a ValueError) naming why
 
-    return check
+    return PolicyContext(
+        block_size=block_size, key_reader=reader, key_reader_check=check
+    )
 
 
 def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:
@@ -133,19 +144,13 @@ def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenR
     dense = {i: info.reason for i, info in sorted(infos.items()) if not info.sparse}
     logger.info("INFINIGEN sparse layers %s; dense layers %s", sparse, dense)
     speculators = calibrate_model(vllm_config.model_config.model, config, sparse)
+    head_dim = next(iter(speculators.values())).head_dim if speculators else None
     runtime = InfiniGenRuntime(
-        config,
-        infos,
-        speculators,
-        block_size=vllm_config.cache_config.block_size,
-        swap_mode=config.swap_mode,
+        config, infos, speculators, _policy_context(vllm_config, head_dim)
     )
-    runtime.key_check = _key_layout_check(vllm_config, speculators)
-    runtime.track([config.policy])
     modules = dict(model.named_modules())
-    for index in sparse:
-        info = infos[index]
-        qkv = modules[_previous_qkv_name(info.name, index)]
-        qkv.register_forward_pre_hook(_make_hook(runtime, info))
-    set_runtime(runtime)
+    for index, state in runtime.sparse.items():
+        setattr(attention_layers[state.info.name], LAYER_ATTR, state)
+        qkv = modules[_previous_qkv_name(state.info.name, index)]
+        qkv.register_forward_pre_hook(_make_hook(runtime, state))
     return runtime

@@ -1,68 +1,66 @@
 """Per-layer counters of the INFINIGEN decode path (observability).
 
-Updated by the runtime on every decode step of every sparse layer, read by
-benchmarks through :func:`vllm_infinigen.engine.runtime.stats_snapshot` (a
-``collective_rpc`` target) and logged at debug level.
+Updated by the runtime on every decode step of every sparse layer, read
+through the worker extension's ``infinigen_stats`` (a ``collective_rpc``
+target) and logged at debug level. Block counts are kept as device tensors
+by each layer (:attr:`~.layer_state.SparseLayer.tallies`) and read here.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_infinigen.engine.layer_state import SparseLayer
 
 
 @dataclass
 class LayerStats:
-    """Counters of one sparse layer since start-up (or the last reset)."""
+    """Host-side counters of one sparse layer since start-up (or reset)."""
 
     steps: int = 0
-    """Decode steps in which this layer ran sparse attention."""
-    decode_requests: int = 0
-    """Decode requests summed over those steps."""
-    blocks_total: int = 0
-    """Blocks dense attention would have read (sum of requests' blocks)."""
-    blocks_selected: int = 0
-    """Blocks speculation selected (what was swapped in)."""
-    bytes_swapped: int = 0
-    """Bytes copied host -> staging for this layer (selected blocks)."""
+    """Decode steps this layer ran (sparse or read whole)."""
+    dense_steps: int = 0
+    """Of those, steps where every request fitted its budget (or the policy
+    reads everything): the engine took vLLM's dense path, no selection."""
     prefill_blocks_read: int = 0
-    """Blocks read whole by prefill (exact, no selection)."""
+    """Blocks copied whole for prefill rows of mixed batches (staging)."""
     speculation_s: float = 0.0
-    """Time in speculation and selection (scores, choice, plan)."""
+    """Time choosing blocks (scores, selection, plan)."""
     swap_s: float = 0.0
-    """Time in the host -> staging copies (on the thread or inline)."""
+    """Time in host -> staging copies (staging placement only)."""
     wait_s: float = 0.0
-    """Time attention waited for its swap-in to finish."""
+    """Time attention waited for its staging copy."""
     attention_s: float = 0.0
     """Time in the sparse decode attention kernel."""
 
-    @property
-    def selection_fraction(self) -> float:
-        return self.blocks_selected / self.blocks_total if self.blocks_total else 0.0
+
+def layer_snapshot(layer: SparseLayer, staging: bool) -> dict[str, Any]:
+    """One layer's counters, JSON-ready (reads its tallies: a host sync)."""
+    total, selected, requests = (int(v) for v in layer.tallies.tolist())
+    out: dict[str, Any] = asdict(layer.stats)
+    block_bytes = layer.block_bytes
+    out.update(
+        decode_requests=requests,
+        blocks_total=total,
+        blocks_selected=selected,
+        kv_bytes_read=selected * block_bytes,
+        bytes_swapped=selected * block_bytes if staging else 0,
+    )
+    return out
 
 
-@dataclass
-class EngineStats:
-    """All layers' counters plus the bytes one block of one layer holds."""
-
-    block_bytes: int = 0
-    layers: dict[int, LayerStats] = field(default_factory=dict)
-
-    def layer(self, index: int) -> LayerStats:
-        stats = self.layers.get(index)
-        if stats is None:
-            stats = self.layers[index] = LayerStats()
-        return stats
-
-    def reset(self) -> None:
-        self.layers.clear()
-
-    def snapshot(self) -> dict[str, object]:
-        """JSON-ready copy: per-layer counters and totals."""
-        layers = {str(i): asdict(s) for i, s in sorted(self.layers.items())}
-        totals = LayerStats()
-        for s in self.layers.values():
-            for name, value in asdict(s).items():
-                setattr(totals, name, getattr(totals, name) + value)
-        total = asdict(totals)
-        total["selection_fraction"] = totals.selection_fraction
-        return {"block_bytes": self.block_bytes, "layers": layers, "total": total}
+def snapshot(layers: Iterable[SparseLayer], staging: bool) -> dict[str, Any]:
+    """Per-layer counters and totals of every sparse layer."""
+    per_layer = {str(layer.index): layer_snapshot(layer, staging) for layer in layers}
+    total: dict[str, Any] = {}
+    for values in per_layer.values():
+        for name, value in values.items():
+            total[name] = total.get(name, 0) + value
+    blocks = total.get("blocks_total", 0)
+    total["selection_fraction"] = (
+        total.get("blocks_selected", 0) / blocks if blocks else 0.0
+    )
+    return {"layers": per_layer, "total": total}

@@ -8,6 +8,7 @@ tensor shapes, never on tensor values.
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 
@@ -26,6 +27,44 @@ class BlockScoreRule(enum.Enum):
     LOG_MASS = "log_mass"
 
 
+class Workspace:
+    """Reusable scratch tensors for the decode hot path.
+
+    A decode step scores every sparse layer with the same shapes, and the
+    intermediates are megabytes at long contexts: allocating them anew each
+    time costs page faults (the allocator hands large blocks back to the
+    system) and more than the arithmetic. A workspace keeps one growing
+    buffer per name and hands out views of it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """A tensor of ``shape`` (uninitialised; valid until the next
+        :meth:`get` of the same name)."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.dtype != dtype
+            or buffer.device != device
+        ):
+            buffer = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
 def block_scores(
     query_partial: torch.Tensor,
     partial_key_cache: torch.Tensor,
@@ -33,6 +72,7 @@ def block_scores(
     seq_lens: torch.Tensor,
     scale: float,
     rule: BlockScoreRule = BlockScoreRule.LOG_MASS,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Score every logical block of every request.
 
@@ -58,6 +98,7 @@ def block_scores(
             ``1 <= seq_len <= max_blocks * block_size``.
         scale: multiplier applied to the dot products.
         rule: see :class:`BlockScoreRule`.
+        workspace: scratch buffers reused across calls (None: allocate).
 
     Returns:
         ``[num_reqs, num_kv_heads, max_blocks]`` float32; ``-inf`` for blocks
@@ -71,31 +112,40 @@ def block_scores(
     device = block_table.device
     if tokens == 0:
         return torch.full((num_reqs, num_kv_heads, 0), float("-inf"), device=device)
+    space = workspace if workspace is not None else Workspace()
     # Gather the requests' partial keys, one contiguous row per block (one
     # memcpy-like pass; advanced indexing or a head-major permute is several
     # times slower on CPU): [R, T, kv * p].
     flat = partial_key_cache.reshape(num_blocks, block_size * num_kv_heads * d_partial)
     ids = block_table.reshape(-1).clamp(min=0).long()
-    keys = torch.empty((ids.shape[0], flat.shape[1]), dtype=flat.dtype, device=device)
+    keys = space.get("keys", (ids.shape[0], flat.shape[1]), flat.dtype, device)
     torch.index_select(flat, 0, ids, out=keys)
-    keys = keys.view(num_reqs, tokens, num_kv_heads * d_partial).float()
+    keys_f = keys.view(num_reqs, tokens, num_kv_heads * d_partial)
+    if keys_f.dtype != torch.float32:
+        keys_f = keys_f.float()
     # One batched GEMM per KV head (its query heads against its channels),
     # tokens last so the reductions below read contiguous memory.
     q = query_partial.float().reshape(num_reqs, num_kv_heads, group, d_partial)
-    logits = torch.empty((num_reqs, num_kv_heads, group, tokens), device=device)
+    logits = space.get(
+        "logits", (num_reqs, num_kv_heads, group, tokens), torch.float32, device
+    )
     for head in range(num_kv_heads):
-        channels = keys[:, :, head * d_partial : (head + 1) * d_partial]
+        channels = keys_f[:, :, head * d_partial : (head + 1) * d_partial]
         torch.bmm(q[:, head] * scale, channels.transpose(1, 2), out=logits[:, head])
     logits = logits.view(num_reqs, num_heads, tokens)
     positions = torch.arange(tokens, device=device)
     invalid = positions[None, :] >= seq_lens[:, None].to(positions.dtype)  # [R, T]
     # An additive -inf mask: a broadcast add is much cheaper than a
     # broadcast masked_fill on CPU.
-    bias = torch.zeros((num_reqs, 1, tokens), device=device)
-    logits.add_(bias.masked_fill_(invalid[:, None, :], float("-inf")))
+    bias = space.get("bias", (num_reqs, 1, tokens), torch.float32, device)
+    bias.zero_().masked_fill_(invalid[:, None, :], float("-inf"))
+    logits.add_(bias)
     if rule is BlockScoreRule.MAX:
         blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
         return blocks.amax(dim=4).amax(dim=2)
-    probs = torch.softmax(logits, dim=-1)  # every seq_len >= 1: no NaN rows
-    mass = probs.view(num_reqs, num_kv_heads, group, max_blocks, block_size).sum(4)
+    # Softmax without a new tensor: exp(l - max) in place, then block sums
+    # over the request's total (every seq_len >= 1: no empty rows).
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    mass = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size).sum(4)
+    mass = mass / mass.sum(dim=-1, keepdim=True)
     return mass.mean(dim=2).log()

@@ -27,7 +27,9 @@ TOUCHES = "vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory"
 _MARK = "_vllm_infinigen_patched"
 
 
-def device_tier_share(num_layers: int, head_dim: int, partial_dims: list[int]) -> float:
+def device_tier_share(
+    num_layers: int, head_dim: int, partial_dims: list[int], staging: bool = True
+) -> float:
     """Device-tier bytes per byte of host-tier KV cache.
 
     Per block, the host tier holds keys and values of every attention layer
@@ -36,7 +38,8 @@ def device_tier_share(num_layers: int, head_dim: int, partial_dims: list[int]) -
     layer (``partial_dims``), in the same dtype. A staging buffer holds one
     layer's blocks of the running requests (their selected blocks, and the
     whole context of prefilling ones), so each of the two is reserved one
-    layer's share of the cache: ``2 / num_layers``. This is an estimate, not
+    layer's share of the cache: ``2 / num_layers``; the in-place placement
+    (``staging=False``) has none. This is an estimate, not
     a bound: a prefix block shared by several requests is staged once per
     request, so heavy prefix sharing can stage more.
 
@@ -48,8 +51,8 @@ def device_tier_share(num_layers: int, head_dim: int, partial_dims: list[int]) -
     if num_layers <= 0 or head_dim <= 0:
         raise ValueError("num_layers and head_dim must be positive")
     partial = sum(partial_dims) / (num_layers * 2 * head_dim)
-    staging = 2 / num_layers if partial_dims else 0.0
-    return partial + staging
+    buffers = 2 / num_layers if partial_dims and staging else 0.0
+    return partial + buffers
 
 
 def host_tier_bytes(auto_bytes: int, share: float) -> int:
@@ -74,10 +77,10 @@ def apply() -> bool:
             return size
         from vllm.logger import init_logger
 
-        from vllm_infinigen.engine.runtime import get_runtime
+        from vllm_infinigen.patches.model_load import RUNTIME_ATTR
 
         logger = init_logger("vllm.infinigen.memory")
-        runtime = get_runtime()
+        runtime = getattr(self.model_runner, RUNTIME_ATTR, None)
         if runtime is None or not runtime.speculators:
             return size
         first = next(iter(runtime.speculators.values()))
@@ -85,6 +88,7 @@ def apply() -> bool:
             len(runtime.layers),
             first.head_dim,
             [s.d_partial for s in runtime.speculators.values()],
+            staging=not runtime.in_place,
         )
         gib = float(1 << 30)
         if explicit:

@@ -3,8 +3,9 @@
 Touches: ``vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model``
 (vLLM 0.32). After the original loads the model, and when the INFINIGEN
 backend is selected, the wrapper calibrates the sparse layers (or loads the
-cached calibration) and installs the one-layer-ahead hooks, so the server
-reports ready only once speculation can run.
+cached calibration), installs the one-layer-ahead hooks and keeps the
+runtime on the model runner (``model_runner.infinigen_runtime``), so the
+server reports ready only once speculation can run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from vllm_infinigen.patches.platform_config import infinigen_selected
 PATCH_NAME = "model_load"
 TOUCHES = "vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model"
 _MARK = "_vllm_infinigen_patched"
+#: Attribute of vLLM's model runner that holds the worker's INFINIGEN runtime.
+RUNTIME_ATTR = "infinigen_runtime"
 
 
 def apply() -> bool:
@@ -35,7 +38,10 @@ def apply() -> bool:
         if infinigen_selected(self.vllm_config):
             from vllm_infinigen.engine.setup import setup_runtime
 
-            setup_runtime(self.vllm_config, self.model)
+            previous = getattr(self, RUNTIME_ATTR, None)
+            if previous is not None:
+                previous.shutdown()
+            setattr(self, RUNTIME_ATTR, setup_runtime(self.vllm_config, self.model))
 
     setattr(load_model, _MARK, True)
     CPUModelRunner.load_model = load_model  # type: ignore[method-assign]

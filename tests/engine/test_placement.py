@@ -1,4 +1,5 @@
-"""Placement and movement of swapped-in blocks, against obvious loops."""
+"""Placement (in place and staging) and movement of selected blocks,
+against obvious loops."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from vllm_infinigen.engine.copier import BlockCopier
-from vllm_infinigen.engine.staging import plan_staging
+from vllm_infinigen.engine.placement import plan_in_place, plan_staging
 from vllm_infinigen.method.selection import PAD, BlockSelection
 
 BLOCK = 4
@@ -59,7 +60,31 @@ def test_plan_matches_reference(seed: int) -> None:
         assert int(plan.newest_slot[r]) == slot - 1
     assert plan.src_block_ids.tolist() == want_src
     assert plan.total_blocks == len(want_src)
-    assert plan.dense_blocks == int(((seq_lens + BLOCK - 1) // BLOCK).sum())
+    assert plan.dense_counts.tolist() == ((seq_lens + BLOCK - 1) // BLOCK).tolist()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_in_place_plan_matches_reference(seed: int) -> None:
+    """In place, each decode row's table lists its selected host blocks in
+    order (newest last) and its sequence length covers exactly them."""
+    selection, table, seq_lens = _random_case(seed)
+    plan = plan_in_place(selection, table, seq_lens, BLOCK)
+    staged = plan_staging(selection, table, seq_lens, BLOCK)
+    for r in range(table.shape[0]):
+        n = int((seq_lens[r] + BLOCK - 1) // BLOCK)
+        count = int(selection.counts[r])
+        chosen = selection.indices[r, :count].tolist()
+        want = [int(table[r, j]) for j in chosen]
+        assert plan.compact_block_table[r, :count].tolist() == want
+        assert plan.host_ids[r, :count].tolist() == want
+        assert (plan.host_ids[r, count:] == PAD).all()
+        assert want[-1] == int(table[r, n - 1])  # newest last
+        last_len = int(seq_lens[r]) - (n - 1) * BLOCK
+        assert int(plan.sparse_seq_lens[r]) == (count - 1) * BLOCK + last_len
+    # Both placements read the same blocks with the same lengths.
+    assert torch.equal(plan.sparse_seq_lens, staged.sparse_seq_lens)
+    assert torch.equal(plan.host_ids, staged.host_ids)
+    assert plan.compact_block_table.dtype == torch.int32
 
 
 @pytest.mark.parametrize("mode", BlockCopier.MODES)

@@ -1,0 +1,297 @@
+"""The runtime on small tensors, without an engine.
+
+A runtime of three layers (layer 0 dense, layers 1 and 2 sparse) over a
+host cache in vLLM's CPU layout (``[blocks, kv_heads, block_size, 2 *
+head_dim]``, keys in plain order, read back by a plain key reader): KV
+writes, the keep-everything path, sparse reads in place and through
+staging against the method's own functions, counters, policy tracking and
+run-time reconfiguration, and H2O's prefill observation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from vllm_infinigen.config import InfiniGenConfig
+from vllm_infinigen.engine.layer_state import LayerInfo, SparseLayer
+from vllm_infinigen.engine.placement import StagingPlan, plan_in_place
+from vllm_infinigen.engine.policies.base import PolicyContext
+from vllm_infinigen.engine.policies.h2o import H2OPolicy
+from vllm_infinigen.engine.policies.registry import POLICIES, policy_class
+from vllm_infinigen.engine.runtime import InfiniGenRuntime, selection_policy
+from vllm_infinigen.method.rotary import NeoxRotary
+from vllm_infinigen.method.scoring import block_scores
+from vllm_infinigen.method.selection import PAD, select_blocks
+from vllm_infinigen.method.skew import LayerSkew
+from vllm_infinigen.method.speculator import LayerSpeculator
+
+BLOCK, KV, HEADS, DIM, HIDDEN, P = 4, 2, 4, 8, 16, 3
+NUM_BLOCKS = 96
+
+
+def _speculator(seed: int) -> LayerSpeculator:
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(KV, DIM, DIM, generator=gen))
+    channels = torch.stack([torch.randperm(DIM, generator=gen)[:P].sort().values] * KV)
+    return LayerSpeculator.build(
+        LayerSkew(basis, channels),
+        q_weight=torch.randn(HEADS * DIM, HIDDEN, generator=gen),
+        q_bias=torch.randn(HEADS * DIM, generator=gen),
+        num_heads=HEADS,
+        rope=NeoxRotary(DIM),
+    )
+
+
+def _plain_reader(host: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    keys = host.index_select(0, ids.long())[..., :DIM]  # [n, kv, B, d]
+    return keys.permute(0, 2, 1, 3).reshape(-1, KV, DIM)
+
+
+class World:
+    """A runtime, its host caches and a batch of requests written into them."""
+
+    def __init__(self, seq_lens: list[int], **options: Any) -> None:
+        infos = {
+            0: LayerInfo(0, "layers.0.attn", 0.5, False, "first layer"),
+            1: LayerInfo(1, "layers.1.attn", 0.5, True, ""),
+            2: LayerInfo(2, "layers.2.attn", 0.5, True, ""),
+        }
+        self.context = PolicyContext(block_size=BLOCK, key_reader=_plain_reader)
+        self.runtime = InfiniGenRuntime(
+            InfiniGenConfig(**options),
+            infos,
+            {1: _speculator(1), 2: _speculator(2)},
+            self.context,
+        )
+        gen = torch.Generator().manual_seed(7)
+        self.host = {
+            i: torch.zeros(NUM_BLOCKS, KV, BLOCK, 2 * DIM) for i in self.runtime.sparse
+        }
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+        width = (max(seq_lens) + BLOCK - 1) // BLOCK
+        self.table = (
+            torch.randperm(NUM_BLOCKS, generator=gen)[: len(seq_lens) * width]
+            .view(len(seq_lens), width)
+            .to(torch.int32)
+        )
+        self.keys: dict[int, list[torch.Tensor]] = {}
+        for index in self.runtime.sparse:
+            self.keys[index] = []
+            for r, n in enumerate(seq_lens):
+                key = torch.randn(n, KV, DIM, generator=gen)
+                self.write(index, r, key, 0)
+                self.keys[index].append(key)
+        self.x = torch.randn(len(seq_lens), HIDDEN, generator=gen)
+
+    def layer(self, index: int) -> SparseLayer:
+        return self.runtime.sparse[index]
+
+    def slots(self, r: int, start: int, count: int) -> torch.Tensor:
+        pos = torch.arange(start, start + count)
+        return self.table[r, pos // BLOCK].long() * BLOCK + pos % BLOCK
+
+    def write(self, index: int, r: int, key: torch.Tensor, start: int) -> None:
+        slots = self.slots(r, start, key.shape[0])
+        host = self.host[index]
+        view = host.permute(0, 2, 1, 3).reshape(NUM_BLOCKS * BLOCK, KV, 2 * DIM)
+        view[slots, :, :DIM] = key
+        host.copy_(view.view(NUM_BLOCKS, BLOCK, KV, 2 * DIM).permute(0, 2, 1, 3))
+        # vLLM pads slot mappings with -1: the runtime must skip those.
+        padded = torch.cat([slots, torch.tensor([-1])])
+        key = torch.cat([key, torch.zeros(1, KV, DIM)])
+        self.runtime.on_kv_write(self.layer(index), key, host, padded)
+
+    def prepare(self, index: int) -> None:
+        self.runtime.prepare_ahead(
+            self.layer(index),
+            self.x,
+            self.table,
+            self.seq_lens,
+            int(self.seq_lens.max()),
+        )
+
+
+def test_kv_write_stores_partial_keys_at_their_slots() -> None:
+    world = World([9, 21])
+    for index in (1, 2):
+        layer = world.layer(index)
+        assert layer.partial_cache is not None
+        flat = layer.partial_cache.view(NUM_BLOCKS * BLOCK, KV, P)
+        for r, key in enumerate(world.keys[index]):
+            want = layer.speculator.partial_keys(key)
+            got = flat[world.slots(r, 0, key.shape[0])]
+            torch.testing.assert_close(got, want)
+
+
+def test_full_budget_in_place_takes_the_dense_path() -> None:
+    world = World([30, 41], budget=1.0)
+    world.prepare(1)
+    layer = world.layer(1)
+    assert layer.pending is None  # nothing prepared: vLLM's own path
+    stats = world.runtime.stats_snapshot()["layers"]["1"]
+    blocks = 8 + 11
+    assert stats["steps"] == stats["dense_steps"] == 1
+    assert stats["blocks_total"] == stats["blocks_selected"] == blocks
+    assert stats["bytes_swapped"] == 0
+    assert stats["kv_bytes_read"] == blocks * KV * BLOCK * 2 * DIM * 4
+
+
+def test_short_requests_take_the_dense_path_at_a_small_budget() -> None:
+    # min_blocks 8: requests of at most 8 blocks are read whole.
+    world = World([20, 32], budget=0.2)
+    world.prepare(1)
+    assert world.layer(1).pending is None
+    assert world.runtime.stats_snapshot()["total"]["dense_steps"] == 1
+
+
+@pytest.mark.parametrize("policy", ["infinigen", "streaming", "h2o"])
+def test_sparse_read_in_place_matches_the_method(policy: str) -> None:
+    world = World([61, 100, 7], budget=0.3, min_blocks=2, policy=policy)
+    world.prepare(2)
+    layer = world.layer(2)
+    read = world.runtime.take(layer)
+    assert read is not None and read.handle is None
+    runtime = world.runtime
+    width = 25
+    table = world.table[:, :width]
+    if policy == "infinigen":
+        query = layer.speculator.speculate(world.x, (world.seq_lens - 1).long())
+        assert layer.partial_cache is not None
+        scores = block_scores(query, layer.partial_cache, table, world.seq_lens, 0.5)
+    else:
+        scores = runtime.policy.scores_ahead(
+            layer, world.x, table, world.seq_lens, runtime.selection
+        )
+    selection = select_blocks(scores, world.seq_lens, BLOCK, runtime.selection)
+    want = plan_in_place(selection, table, world.seq_lens, BLOCK)
+    assert torch.equal(read.plan.host_ids, want.host_ids)
+    assert torch.equal(read.plan.sparse_seq_lens, want.sparse_seq_lens)
+    counts = read.plan.counts.tolist()
+    n_blocks = [16, 25, 2]
+    for r, n in enumerate(n_blocks):
+        assert counts[r] <= max(-(-3 * n // 10), min(n, 2)) + 2  # + forced
+        ids = read.plan.host_ids[r, : counts[r]]
+        assert int(ids[-1]) == int(world.table[r, n - 1])  # newest last
+        assert (read.plan.host_ids[r, counts[r] :] == PAD).all()
+    # Counters: every selected block counted once.
+    assert layer.counters is not None
+    assert int(layer.counters.sum()) == sum(counts)
+    stats = runtime.stats_snapshot()["layers"]["2"]
+    assert stats["blocks_selected"] == sum(counts)
+    assert stats["blocks_total"] == sum(n_blocks)
+    assert stats["steps"] == 1 and stats["dense_steps"] == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+def test_staging_copies_what_in_place_reads(mode: str) -> None:
+    staged = World([61, 100], budget=0.3, min_blocks=2, swap_mode=mode)
+    in_place = World([61, 100], budget=0.3, min_blocks=2)
+    try:
+        staged.prepare(1)
+        in_place.prepare(1)
+        a = in_place.runtime.take(in_place.layer(1))
+        b = staged.runtime.take(staged.layer(1))
+        assert a is not None and b is not None and b.handle is not None
+        assert isinstance(b.plan, StagingPlan)
+        assert torch.equal(a.plan.host_ids, b.plan.host_ids)
+        # This step's newest token is written after the copy started.
+        staged.write(1, 0, torch.ones(1, KV, DIM), 60)
+        buffer = staged.runtime.finish_staging(staged.layer(1), b)
+        host = staged.host[1]
+        src = b.staging.src_block_ids
+        assert torch.equal(buffer[: src.numel()], host[src])
+        snap = staged.runtime.stats_snapshot()
+        assert snap["total"]["bytes_swapped"] == snap["total"]["kv_bytes_read"] > 0
+        assert snap["staging_peak_blocks"] == src.numel()
+    finally:
+        staged.runtime.shutdown()
+
+
+def test_full_budget_through_staging_copies_every_block() -> None:
+    world = World([30, 41], budget=1.0, swap_mode="sync")
+    world.prepare(1)
+    read = world.runtime.take(world.layer(1))
+    assert read is not None and read.handle is not None
+    assert read.plan.counts.tolist() == [8, 11]
+
+
+def test_fresh_blocks_reset_their_counters() -> None:
+    world = World([61, 100], budget=0.3, min_blocks=2)
+    world.prepare(1)
+    layer = world.layer(1)
+    assert layer.counters is not None
+    first = int(world.table[0, 0])
+    assert int(layer.counters[first]) == 1  # the sink block
+    world.write(1, 0, torch.randn(2, KV, DIM), 0)  # block reused from slot 0
+    assert int(layer.counters[first]) == 0
+
+
+def test_reconfigure_switches_policy_and_refuses_bad_options() -> None:
+    world = World([61, 100])
+    runtime = world.runtime
+    assert runtime.track(["quest"]) == ["infinigen", "quest"]
+    effective = runtime.reconfigure({"policy": "quest", "budget": 0.5})
+    assert effective["policy"] == "quest" and effective["budget"] == 0.5
+    assert runtime.selection.alpha == float("inf")  # peers take pure top-k
+    assert not runtime.policy.ahead
+    world.prepare(1)  # Quest chooses at attention, not one layer ahead
+    assert world.layer(1).pending is None
+    with pytest.raises(ValueError, match="'partial_ratio' is fixed at start-up"):
+        runtime.reconfigure({"partial_ratio": 0.5})
+    with pytest.raises(ValueError, match=r"'budget' must be a number in \(0.0, 1.0\]"):
+        runtime.reconfigure({"budget": 0})
+    with pytest.raises(ValueError, match="'policy' must be one of"):
+        runtime.track(["bogus"])
+    assert runtime.config.policy == "quest"  # a refused change changes nothing
+    runtime.reconfigure({"policy": "infinigen"})
+    world.prepare(1)
+    with pytest.raises(RuntimeError, match="during a step"):
+        runtime.reconfigure({"budget": 0.3})
+
+
+def test_h2o_needs_a_key_reader() -> None:
+    with pytest.raises(ValueError, match="'policy' h2o"):
+        H2OPolicy(PolicyContext(block_size=BLOCK)).check_supported()
+
+
+def test_registry_names_every_policy_class() -> None:
+    for name in POLICIES:
+        assert policy_class(name).name == name
+    with pytest.raises(ValueError, match="'policy' must be one of"):
+        policy_class("bogus")
+
+
+def test_selection_policy_threshold_only_for_infinigen() -> None:
+    config = InfiniGenConfig(alpha=5.0)
+    for name in POLICIES:
+        policy = policy_class(name)(PolicyContext(block_size=BLOCK))
+        alpha = selection_policy(config, policy).alpha
+        assert alpha == (5.0 if name == "infinigen" else float("inf")), name
+
+
+def test_h2o_prefill_observation_counts_rows_once() -> None:
+    """Observed prefill rows give each KV head one unit of mass per row; the
+    rows of the prompt's last block go to the live mass only."""
+    world = World([61], policy="h2o")
+    layer = world.layer(1)
+    h2o = world.runtime.policy
+    assert isinstance(h2o, H2OPolicy)
+    query = torch.randn(61, HEADS, DIM)
+    h2o.observe_prefill(
+        layer,
+        query,
+        torch.tensor([0, 61]),
+        world.seq_lens,
+        world.table,
+        [0],
+    )
+    mass = h2o.mass[1].sum(0)
+    prefill = h2o.prefill_mass[1].sum(0)
+    torch.testing.assert_close(mass, torch.full((KV,), 16.0))
+    # Rows at positions >= 60 (the last block holds 60..60) are left out.
+    torch.testing.assert_close(prefill, torch.full((KV,), 15.0))
+    world.runtime.reconfigure({"budget": 0.3})  # a new run: back to prefill's
+    torch.testing.assert_close(h2o.mass[1].sum(0), prefill)

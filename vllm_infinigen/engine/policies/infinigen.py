@@ -1,0 +1,52 @@
+"""InfiniGen: speculated partial query against the device partial keys.
+
+One layer ahead, layer ``L-1``'s attention input becomes layer ``L``'s
+speculated partial query (:class:`~vllm_infinigen.method.speculator.
+LayerSpeculator`), scored against ``L``'s partial keys (which the runtime
+writes for every sparse layer, whatever the policy, so the engine can switch
+to InfiniGen while serving). The ``alpha`` threshold applies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_infinigen.method.scoring import Workspace, block_scores
+from vllm_infinigen.method.selection import SelectionPolicy
+
+from .base import BlockPolicy, PolicyContext
+
+if TYPE_CHECKING:
+    from vllm_infinigen.engine.layer_state import SparseLayer
+
+
+class InfiniGenPolicy(BlockPolicy):
+    name = "infinigen"
+    uses_alpha = True
+
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self.workspace = Workspace()
+        """Scoring scratch, reused by every layer and step of this worker."""
+
+    def scores_ahead(
+        self,
+        layer: SparseLayer,
+        x: torch.Tensor,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        selection: SelectionPolicy,
+    ) -> torch.Tensor:
+        assert layer.partial_cache is not None
+        query = layer.speculator.speculate(x, (seq_lens - 1).long())
+        return block_scores(
+            query,
+            layer.partial_cache,
+            table,
+            seq_lens,
+            layer.info.scale,
+            selection.score_rule,
+            workspace=self.workspace,
+        )
