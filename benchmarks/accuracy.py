@@ -536,7 +536,13 @@ def main() -> None:
         f"{estimate(requests, len(configs)) / 60:.0f} min"
     )
 
-    options = {"policy": "infinigen", "min_blocks": args.min_blocks}
+    # Selection at every length (sparse_min_tokens 0): accuracy measures the
+    # selection, also where the engine would read short steps whole.
+    options = {
+        "policy": "infinigen",
+        "min_blocks": args.min_blocks,
+        "sparse_min_tokens": 0,
+    }
     llm = LLM(
         model=args.model,
         dtype=args.dtype,

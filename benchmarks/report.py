@@ -80,6 +80,7 @@ def speed_tables(data: dict[str, Any]) -> str:
         "policy",
         "decode tok/s",
         "vs dense vLLM",
+        "ceiling",
         "KV MB / token",
         "KV bytes vs dense",
         "selection share of step",
@@ -92,9 +93,10 @@ def speed_tables(data: dict[str, Any]) -> str:
                 "dense vLLM" if m["policy"] == "baseline" else m["policy"],
                 f"{m['decode_tok_s']:.2f}",
                 f"{m['speed_ratio']:.2f}",
+                f"{m['ceiling']:.2f}" if "ceiling" in m else "",
                 f"{m['kv_mb_per_token']:.1f}",
                 f"{m['bytes_ratio']:.3f}",
-                f"{m['speculation_share']:.2f}" if "speculation_share" in m else "",
+                f"{m['speculation_share']:.3f}" if "speculation_share" in m else "",
             ]
         )
     ttft = _table(

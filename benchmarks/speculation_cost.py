@@ -1,15 +1,29 @@
-"""Where one sparse layer's speculation time goes, stage by stage.
+"""What one sparse layer's decode costs on CPU, stage by stage, against
+vLLM's own CPU attention kernel.
 
-Times the stages ``InfiniGenRuntime.speculate_and_swap`` runs for one layer
-and one decode step (speculated query, block scores, selection, staging plan,
-counters, block copy into staging) on Qwen2.5-Coder-0.5B's shapes (14 query
-heads, 2 KV heads, head_dim 64, hidden 896, 20 partial channels) with random
-tensors, single-threaded like vLLM's CPU worker, next to one pass of reading
-the layer's whole K/V of the batch (what dense attention must at least do).
-Writes ``benchmarks/results/speculation_cost.json``:
+Times, per layer and decode step on Qwen2.5-Coder-0.5B's shapes (14 query
+heads, 2 KV heads, head_dim 64, hidden 896, 20 partial channels, 32-token
+blocks, float32), single-threaded like vLLM's CPU worker:
+
+- InfiniGen's selection stages: speculated query, block scores (the fused
+  CPU scorer the runtime uses, ``engine/cpu_scoring.py``; the torch ops of
+  ``method/scoring.py`` with a reused workspace are timed next to it),
+  selection, in-place plan, counters;
+- the staging copy of the selected blocks (the GPU-shaped placement), and
+  its GB/s;
+- vLLM's CPU kernel (``cpu_attention_with_kv_cache``) over every block, and
+  over the selected 20% through a compacted block table (in place).
+
+Every stage cycles through ``--layers`` distinct layers' tensors, as a decode
+step does, so their data is not left in the CPU cache by the previous call.
+From the per-token costs it fits ``selection ~ a + b * tokens`` and
+``kernel ~ k * tokens`` and prints the decode context (tokens of the whole
+batch) above which reading ``--budget`` of the blocks pays for the selection:
+the source of the CPU default of ``sparse_min_tokens``. Writes
+``benchmarks/results/speculation_cost.json``::
 
     python benchmarks/speculation_cost.py
-    python benchmarks/speculation_cost.py --contexts 4096 16384 --batches 1 4
+    python benchmarks/speculation_cost.py --contexts 2048 16384 --batches 1 4
 """
 
 from __future__ import annotations
@@ -25,10 +39,11 @@ from typing import Any
 import torch
 
 from vllm_infinigen.engine.copier import BlockCopier
-from vllm_infinigen.engine.placement import plan_staging
+from vllm_infinigen.engine.cpu_scoring import load_block_scorer
+from vllm_infinigen.engine.placement import plan_in_place, plan_staging
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.rotary import NeoxRotary
-from vllm_infinigen.method.scoring import block_scores
+from vllm_infinigen.method.scoring import Workspace, block_scores
 from vllm_infinigen.method.selection import SelectionPolicy, select_blocks
 from vllm_infinigen.method.skew import LayerSkew
 from vllm_infinigen.method.speculator import LayerSpeculator
@@ -37,16 +52,69 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, D_PARTIAL = 896, 14, 2, 64, 20
 
 
-def _time_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
+def _time_ms(fn: Callable[[int], Any], layers: int, repeats: int) -> float:
+    """Mean ms of ``fn(layer)`` over ``repeats`` sweeps of every layer."""
+    for layer in range(layers):
+        fn(layer)
     start = time.perf_counter()
     for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1e3
+        for layer in range(layers):
+            fn(layer)
+    return (time.perf_counter() - start) / (repeats * layers) * 1e3
 
 
-def measure(context: int, batch: int, block_size: int, repeats: int) -> dict:
+class Kernel:
+    """vLLM's CPU paged-attention kernel for one batch shape."""
+
+    def __init__(self, batch: int, block_size: int) -> None:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        self.ops = ops
+        self.isa = _get_attn_isa(torch.float32, block_size, HEAD_DIM, "auto")
+        self.query = torch.randn(batch, HEADS, HEAD_DIM)
+        self.out = torch.empty_like(self.query)
+        self.qsl = torch.arange(batch + 1, dtype=torch.int32)
+
+    def __call__(
+        self, cache: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> None:
+        blocks, kv, block_size, _ = cache.shape
+        key, value = cache.view(blocks, kv, 2 * block_size, HEAD_DIM).chunk(2, dim=2)
+        metadata = self.ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.shape[0],
+            num_heads=HEADS,
+            num_kv_heads=KV_HEADS,
+            head_dim=HEAD_DIM,
+            seq_lens=seq_lens,
+            dtype=torch.float32,
+            query_start_loc=self.qsl,
+            causal=True,
+            sliding_window_size=-1,
+            isa=self.isa,
+            enable_kv_split=False,
+        )
+        self.ops.cpu_attention_with_kv_cache(
+            query=self.query,
+            key_cache=key,
+            value_cache=value,
+            output=self.out,
+            query_start_loc=self.qsl,
+            seq_lens=seq_lens,
+            scale=HEAD_DIM**-0.5,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=table,
+            softcap=0.0,
+            scheduler_metadata=metadata,
+            s_aux=None,
+        )
+
+
+def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(context + batch)
+    block_size, layers, repeats = args.block_size, args.layers, args.repeats
     basis, _ = torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, generator=gen))
     channels = torch.arange(D_PARTIAL).repeat(KV_HEADS, 1)
     speculator = LayerSpeculator.build(
@@ -58,63 +126,121 @@ def measure(context: int, batch: int, block_size: int, repeats: int) -> dict:
     )
     blocks = (context + block_size - 1) // block_size
     num_blocks = blocks * batch + 8
-    partial = torch.randn(num_blocks, block_size, KV_HEADS, D_PARTIAL, generator=gen)
+    shape = (num_blocks, block_size, KV_HEADS, D_PARTIAL)
+    partial = [torch.randn(shape, generator=gen) for _ in range(layers)]
     # vLLM's CPU cache layout: [num_blocks, kv_heads, block_size, 2 * head_dim].
-    host = torch.randn(num_blocks, KV_HEADS, block_size, 2 * HEAD_DIM, generator=gen)
+    host_shape = (num_blocks, KV_HEADS, block_size, 2 * HEAD_DIM)
+    host = [torch.randn(host_shape, generator=gen) for _ in range(layers)]
     table = torch.randperm(num_blocks, generator=gen)[: blocks * batch]
     table = table.view(batch, blocks).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32)
     x = torch.randn(batch, HIDDEN, generator=gen)
     positions = (seq_lens - 1).long()
-    policy = SelectionPolicy()
-    counters = torch.zeros(num_blocks, dtype=torch.int32)
-    copier = BlockCopier("sync")
+    policy = SelectionPolicy(budget_fraction=args.budget)
+    counters = torch.zeros(num_blocks, dtype=torch.long)
+    space = Workspace()
+    scale = HEAD_DIM**-0.5
 
     query = speculator.speculate(x, positions)
-    scores = block_scores(query, partial, table, seq_lens, HEAD_DIM**-0.5)
+    fused = load_block_scorer(print)
+    scores = block_scores(query, partial[0], table, seq_lens, scale, workspace=space)
+    if fused is not None:
+        torch.testing.assert_close(
+            fused(query, partial[0], table, seq_lens, scale),
+            scores,
+            rtol=1e-4,
+            atol=1e-4,
+        )
     selection = select_blocks(scores, seq_lens, block_size, policy)
-    plan = plan_staging(selection, table, seq_lens, block_size)
+    plan = plan_in_place(selection, table, seq_lens, block_size)
+    staged = plan_staging(selection, table, seq_lens, block_size)
     stages = {
-        "query_ms": _time_ms(lambda: speculator.speculate(x, positions), repeats),
+        "query_ms": _time_ms(lambda i: speculator.speculate(x, positions), 1, repeats),
         "scores_ms": _time_ms(
-            lambda: block_scores(query, partial, table, seq_lens, HEAD_DIM**-0.5),
+            lambda i: (fused or block_scores)(
+                query, partial[i], table, seq_lens, scale
+            ),
+            layers,
             repeats,
         ),
         "select_ms": _time_ms(
-            lambda: select_blocks(scores, seq_lens, block_size, policy), repeats
+            lambda i: select_blocks(scores, seq_lens, block_size, policy), 1, repeats
         ),
         "plan_ms": _time_ms(
-            lambda: plan_staging(selection, table, seq_lens, block_size), repeats
+            lambda i: plan_in_place(selection, table, seq_lens, block_size), 1, repeats
         ),
         "counters_ms": _time_ms(
-            lambda: count_selected_blocks(counters, table, selection), repeats
-        ),
-        "copy_ms": _time_ms(
-            lambda: copier.submit(0, host, plan.src_block_ids).wait(), repeats
+            lambda i: count_selected_blocks(counters, table, selection), 1, repeats
         ),
     }
+    selection_ms = sum(stages.values())
+    torch_scores_ms = _time_ms(
+        lambda i: block_scores(
+            query, partial[i], table, seq_lens, scale, workspace=space
+        ),
+        layers,
+        repeats,
+    )
+    copier = BlockCopier("sync")
+    copy_ms = _time_ms(
+        lambda i: copier.submit(i % 2, host[i], staged.src_block_ids).wait(),
+        layers,
+        repeats,
+    )
     copier.shutdown()
-    speculation = sum(v for k, v in stages.items() if k != "copy_ms")
-    used = host.index_select(0, table.reshape(-1).long())
-    read_all = _time_ms(lambda: used.sum(), repeats)
+    copied = staged.total_blocks * host[0][0].numel() * 4
+    kernel = Kernel(batch, block_size)
+    dense_ms = _time_ms(lambda i: kernel(host[i], table, seq_lens), layers, repeats)
+    sparse_table = plan.compact_block_table
+    sparse_lens = plan.sparse_seq_lens
+    sparse_ms = _time_ms(
+        lambda i: kernel(host[i], sparse_table, sparse_lens), layers, repeats
+    )
     return {
         "context": context,
         "batch": batch,
-        "block_size": block_size,
+        "tokens": context * batch,
         **stages,
-        "speculation_ms": speculation,
-        "selected_fraction": plan.total_blocks / max(int(plan.dense_counts.sum()), 1),
-        "read_full_kv_ms": read_all,
-        "speculation_over_full_read": speculation / read_all,
+        "selection_ms": selection_ms,
+        "fused_scorer": fused is not None,
+        "scores_torch_ops_ms": torch_scores_ms,
+        "selected_fraction": staged.total_blocks / max(blocks * batch, 1),
+        "copy_ms": copy_ms,
+        "copy_gb_s": copied / max(copy_ms, 1e-9) / 1e6,
+        "kernel_dense_ms": dense_ms,
+        "kernel_selected_ms": sparse_ms,
+        "selection_over_kernel_saved": selection_ms / max(dense_ms - sparse_ms, 1e-9),
+    }
+
+
+def fit(rows: list[dict[str, Any]], budget: float) -> dict[str, float]:
+    """Least-squares ``selection ~ a + b * tokens``, ``kernel ~ k * tokens``
+    and the token count above which the saved kernel time pays for selection."""
+    tokens = torch.tensor([float(r["tokens"]) for r in rows], dtype=torch.float64)
+    selection = torch.tensor([r["selection_ms"] for r in rows], dtype=torch.float64)
+    kernel = torch.tensor([r["kernel_dense_ms"] for r in rows], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(tokens), tokens], dim=1)
+    a, b = torch.linalg.lstsq(design, selection[:, None]).solution[:, 0].tolist()
+    k = float((tokens * kernel).sum() / (tokens * tokens).sum())
+    saved = k * (1.0 - budget) - b  # ms per token the sparse step saves
+    return {
+        "selection_fixed_ms": a,
+        "selection_us_per_token": b * 1e3,
+        "kernel_us_per_token": k * 1e3,
+        "break_even_tokens": a / saved if saved > 0 else float("inf"),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[2048, 4096, 8192, 16384]
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=0.2)
+    parser.add_argument("--layers", type=int, default=8, help="distinct layers cycled")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "speculation_cost.json")
     args = parser.parse_args()
@@ -122,21 +248,38 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            row = measure(context, batch, args.block_size, args.repeats)
+            row = measure(args, context, batch)
             rows.append(row)
             print(
-                f"{context:>6} x{batch}: speculation {row['speculation_ms']:.2f} ms "
-                f"(scores {row['scores_ms']:.2f}), copy {row['copy_ms']:.2f} ms, "
-                f"full K/V read {row['read_full_kv_ms']:.2f} ms",
+                f"{context:>6} x{batch}: selection {row['selection_ms']:.2f} ms "
+                f"(scores {row['scores_ms']:.2f}, torch ops "
+                f"{row['scores_torch_ops_ms']:.2f}); kernel dense "
+                f"{row['kernel_dense_ms']:.2f} ms, selected "
+                f"{row['kernel_selected_ms']:.2f} ms; staging copy "
+                f"{row['copy_ms']:.2f} ms ({row['copy_gb_s']:.1f} GB/s)",
                 flush=True,
             )
+    model = fit(rows, args.budget)
+    print(
+        f"selection ~ {model['selection_fixed_ms']:.2f} ms + "
+        f"{model['selection_us_per_token']:.3f} us/token; kernel "
+        f"{model['kernel_us_per_token']:.3f} us/token; reading {args.budget:.0%} "
+        f"pays from {model['break_even_tokens']:.0f} tokens per step"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
+                "command": "python benchmarks/speculation_cost.py "
+                + " ".join(
+                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"  # noqa: E501
+                    for k, v in vars(args).items()
+                    if k != "out"
+                ),
                 "machine": f"{platform.machine()} {args.threads} thread(s)",
                 "torch": torch.__version__,
                 "rows": rows,
+                "model": model,
             },
             indent=1,
         )

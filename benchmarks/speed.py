@@ -1,49 +1,53 @@
 """Decode speed, KV bytes and time to first token: dense vLLM vs every policy.
 
-One run measures, per context length and batch size, vLLM's default CPU
-attention (the baseline, its own engine process) next to one INFINIGEN engine
-process that switches between the block-selection policies (``dense`` reads
-every block through our path; ``infinigen``, ``quest``, ``h2o``, ``streaming``
-read a ``--budget`` share of them), and writes
-``benchmarks/results/speed.json`` plus ``speed.png`` (``--quick``:
-``speed_quick.*``)::
+One run measures, per shape (context x batch), vLLM's default CPU attention
+(the baseline, its own engine) next to one INFINIGEN engine that switches
+between the block-selection policies (``dense`` reads every block through
+our path; ``infinigen``, ``quest``, ``h2o``, ``streaming`` read a
+``--budget`` share of them), and writes ``benchmarks/results/speed.json``
+plus ``speed.png`` (``--quick``: ``speed_quick.*``)::
 
-    python benchmarks/speed.py --quick      # 2K x1, x4; 16 tokens (~12 min)
-    python benchmarks/speed.py              # 2K x1, x4, x8 and 8K x1 (~40 min)
-    python benchmarks/speed.py --contexts 2048 4096 8192      # + 4K x1, x4 (~1 h)
-    python benchmarks/speed.py --contexts 16384 --batches 1   # 16K x1
+    python benchmarks/speed.py --quick                 # 2K x1, x4 (~10 min)
+    python benchmarks/speed.py                         # 2K x1, 8K x4, 8K x8
+    python benchmarks/speed.py --shapes 16384x4        # 16K x4 (~1 h)
+    python benchmarks/speed.py --plan                  # print the plan, exit
 
-Measured, per (context, batch) and policy:
+Each request of a batch holds its own context (request ``i`` is Python
+standard-library source starting at a different module), as in serving: a
+shared prefix would let dense attention read the same few megabytes per
+layer from the CPU cache for every request and hide the cost sparse decode
+removes.
 
-- decode tokens/s from vLLM's per-request first/last token timestamps, after
-  the prompts sit in the prefix cache (each timed request decodes, it does
-  not prefill), and its ratio to the baseline measured in the same run;
-- KV bytes read per decode step and per decoded token, counted by the
-  engine's counters (sparse layers: the selected blocks; dense layers, layer
-  0: every block). The baseline and a full-KV read are the same counted
-  blocks taken whole in every layer;
-- time to first token of one cold prompt (before the prefix cache holds it)
-  in each engine, from vLLM's ``RequestOutput.metrics``: prefill is dense in
-  every policy, so it should match the baseline. The INFINIGEN engine keeps
-  the metadata of every tracked policy during that prefill.
+How one context length runs: both engines start together, each bound to
+its own core (``VLLM_CPU_OMP_THREADS_BIND``), and prefill their prompts at
+the same time (a cold 8K prompt takes a minute or two here, 16K about 13
+minutes). The engines then take orders one at a time, so that exactly one
+decodes while the other waits: every timed round measures the baseline and
+then each policy, and rounds repeat (``--repeats``; the median is kept), so
+the machine's drift falls on all of them alike. Every timed request decodes
+from the prefix cache (it does not prefill).
+
+Measured, per shape and policy:
+
+- decode tokens/s from vLLM's per-request first/last token timestamps, and
+  its ratio to the baseline measured in the same run;
+- KV bytes read per decoded token, from the engine's counters (sparse
+  layers: the selected blocks; dense layers: every block);
+- the selection share of the decode step: time in speculation, scoring,
+  selection and placement over the decode time;
+- the ceiling: the speedup that reading only the counted KV bytes could
+  give at most. The baseline's decode step is split into its KV-reading
+  part and the rest by timing the same batch on short (128-token) prompts
+  in the baseline engine (the rest: weights, MLP, sampling, scheduling);
+  a policy reading a share ``f`` of the KV bytes can at best take ``rest +
+  f * kv_part``;
+- time to first token of one cold prompt in each engine (prefill is dense
+  in every policy; the two engines prefill at the same time, each on its
+  own core, so both see the same shared memory traffic).
 
 Modelled, not measured (a GPU that offloads its KV to host memory): per decode
 step, the time to move a full-KV fetch across a ``--pcie-gbps`` host-to-device
-link (every layer's whole KV of the batch, as offloading systems such as
-FlexGen do) next to the time to move each policy's counted bytes (selected
-blocks of sparse layers plus the whole KV of dense layers), and their ratio.
-Compute and speculation time are not part of the model.
-
-Each engine process serves one context length and walks the batch sizes in
-increasing order on shared prompts (request ``i`` is the same text at every
-batch size), so each prompt is prefilled once per engine. Configurations with
-``context * batch`` above ``--max-batch-tokens`` (16384) are skipped. Prefill
-dominates the run time on 2 CPU cores: about 55 tokens/s at 2K context when
-the machine is shared (100 when idle) and slower at longer contexts, twice
-per configuration (both engines); 16384 x batch 1 alone takes about 13 minutes of
-prefill per engine and 16K x batch 4 over half an hour, so 16K and 4K are
-only run when asked for. An estimate of the run time is printed up front
-(``--plan`` prints it and exits).
+link next to the time to move each policy's counted bytes, and their ratio.
 """
 
 from __future__ import annotations
@@ -54,10 +58,10 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -65,6 +69,8 @@ POLICY_ORDER = ("dense", "infinigen", "quest", "h2o", "streaming")
 BASELINE = "baseline"
 FULL_FETCH = "full-KV fetch"
 TAG = "SPEED "
+#: Tokens of each short prompt that times the non-KV part of a decode step.
+SHORT_CONTEXT = 128
 
 
 # --------------------------------------------------------------------- prompts
@@ -85,18 +91,12 @@ def prompt_ids(tokenizer: Any, tokens: int, seed: int) -> list[int]:
     return ids[:tokens]
 
 
+def policy_options(policy: str, budget: float) -> dict[str, Any]:
+    """The run-time ``infinigen`` options of one policy at ``budget``."""
+    return {"policy": policy, "budget": 1.0 if policy == "dense" else budget}
+
+
 # ------------------------------------------------------------ child: one engine
-
-
-def policy_options(policy: str, budget: float, known: tuple[str, ...]) -> dict:
-    """The ``infinigen`` options of one policy at ``budget``. ``dense`` is
-    our path reading every block: its own policy where the engine has one,
-    otherwise INFINIGEN at budget 1.0 (which fetches every block)."""
-    if policy == "dense" and "dense" not in known:
-        return {"policy": "infinigen", "budget": 1.0}
-    if policy == "dense":
-        return {"policy": "dense"}
-    return {"policy": policy, "budget": budget}
 
 
 def emit(kind: str, payload: dict[str, Any]) -> None:
@@ -122,37 +122,34 @@ def decode_measure(outs: list[Any]) -> dict[str, Any]:
 
 
 def run_child(args: argparse.Namespace) -> None:
-    """One engine, one context length, every batch size (and, for the
-    INFINIGEN engine, every policy): print tagged JSON lines."""
+    """One engine for one context length, driven by JSON orders on stdin:
+    ``prefill`` (every prompt), ``measure`` (one batch, one policy),
+    ``short`` (the same batch on short prompts), ``quit``."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_infinigen.config import POLICIES
-
-    batches = sorted(args.batches)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts = [
         TokensPrompt(prompt_token_ids=prompt_ids(tokenizer, args.context, seed))
-        for seed in range(batches[-1])
+        for seed in range(args.max_batch)
     ]
     ours = args.child == "infinigen"
-    policies: list[str] = list(args.policies) if ours else [BASELINE]
-    options = {p: policy_options(p, args.budget, POLICIES) for p in policies}
-    extra: dict[str, Any] = json.loads(args.options)
-    # The INFINIGEN engine starts as configured by default (policy
-    # "infinigen" at --budget): that is the engine whose TTFT is reported.
-    initial = policy_options("infinigen", args.budget, POLICIES)
     kwargs: dict[str, Any] = {}
     if ours:
+        initial = {
+            **json.loads(args.options),
+            **policy_options("infinigen", args.budget),
+        }
         kwargs["attention_backend"] = "INFINIGEN"
-        kwargs["additional_config"] = {"infinigen": {**extra, **initial}}
+        kwargs["additional_config"] = {"infinigen": initial}
     start = time.perf_counter()
     llm = LLM(
         model=args.model,
         dtype=args.dtype,
         max_model_len=args.context + args.decode_tokens + 16,
         max_num_batched_tokens=2048,
+        max_num_seqs=max(args.max_batch, 8),
         enable_prefix_caching=True,
         enforce_eager=True,
         disable_log_stats=False,
@@ -162,135 +159,263 @@ def run_child(args: argparse.Namespace) -> None:
     if ours:
         # Every policy's device metadata is kept from the first prefill on,
         # so the cached prompts serve every policy (one prefill per engine).
-        wanted = sorted({o["policy"] for o in options.values()} - {"dense"})
-        tracked = llm.collective_rpc("infinigen_track", args=(wanted,))[0]
-    emit("startup", {"seconds": time.perf_counter() - start, "tracked": tracked})
-
-    # Warm the engine's kernels (first forward, prefill chunk and decode
-    # shapes) on a text no timed prompt starts with, so TTFT below measures a
-    # cold prompt, not a cold engine.
+        tracked = llm.collective_rpc("infinigen_track", args=(list(POLICY_ORDER),))[0]
+    # Warm the kernels on a text no timed prompt starts with.
     marker = tokenizer("# warm-up\n")["input_ids"]
-    start = time.perf_counter()
     llm.generate(
         [
             TokensPrompt(
-                prompt_token_ids=(marker + prompts[0]["prompt_token_ids"])[
-                    : min(args.context, 512)
-                ]
+                prompt_token_ids=(marker + prompts[0]["prompt_token_ids"])[:512]
             )
         ],
         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
     )
-    emit("engine_warmup", {"seconds": time.perf_counter() - start})
+    emit("ready", {"seconds": time.perf_counter() - start, "tracked": tracked})
 
-    # Time to first token of one cold prompt (not in the prefix cache).
-    start = time.perf_counter()
-    probe = llm.generate(prompts[:1], SamplingParams(max_tokens=1, temperature=0))[0]
-    metrics = probe.metrics
-    assert metrics is not None, "vLLM request metrics need disable_log_stats=False"
-    emit(
-        "ttft",
-        {
-            "context": args.context,
-            "ttft_s": metrics.first_token_latency,
-            "prefill_s": metrics.first_token_ts - metrics.scheduled_ts,
-            "queued_s": metrics.scheduled_ts - metrics.queued_ts,
-            "cached_tokens": probe.num_cached_tokens or 0,
-            "wall_s": time.perf_counter() - start,
-        },
-    )
-
-    current = json.dumps(initial, sort_keys=True)  # the engine's options now
-    warm = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     timed = SamplingParams(
         max_tokens=args.decode_tokens, temperature=0, ignore_eos=True
     )
-    prefilled = 1
-    for batch in batches:
-        batch_prompts = prompts[:batch]
-        start = time.perf_counter()
-        if batch > prefilled:
-            llm.generate(prompts[prefilled:batch], SamplingParams(max_tokens=1))
-            prefilled = batch
-        prefill_wall = time.perf_counter() - start
-        runs: dict[str, dict[str, Any]] = {}
-        for policy in policies:
-            key = json.dumps(options[policy], sort_keys=True)
-            if ours and key != current:
-                llm.collective_rpc("infinigen_configure", args=(options[policy],))
-                current = key
-            if batch == batches[0] or policy == policies[0]:
-                # A policy's first decode, and a batch size's first decode.
-                llm.generate(batch_prompts, warm)
-            effective: dict[str, Any] = {}
-            if ours:
-                llm.collective_rpc("infinigen_reset_stats")
-            repeats = []
-            for _ in range(args.repeats):
-                if ours:
-                    # Configure again: clears the decode-time H2O mass earlier
-                    # runs added, so every timed run starts from prefill's.
-                    effective = llm.collective_rpc(
-                        "infinigen_configure", args=(options[policy],)
-                    )[0]
-                start = time.perf_counter()
-                outs = llm.generate(batch_prompts, timed)
-                repeats.append(
-                    {**decode_measure(outs), "wall_s": time.perf_counter() - start}
-                )
-            repeats.sort(key=lambda r: float(r["decode_tok_s"]))
-            run = dict(repeats[len(repeats) // 2])  # the median run
-            run["decode_tok_s_repeats"] = [r["decode_tok_s"] for r in repeats]
-            run["decode_s_all_repeats"] = sum(r["decode_s"] for r in repeats)
-            run["options"] = effective
-            if ours:
-                run["stats"] = llm.collective_rpc("infinigen_stats")[0]
-            runs[policy] = run
+    warmed: set[tuple[int, str]] = set()
+    for line in sys.stdin:
+        order = json.loads(line)
+        cmd = order["cmd"]
+        if cmd == "quit":
+            break
+        if cmd == "prefill":
+            start = time.perf_counter()
+            probe = llm.generate(prompts[:1], SamplingParams(max_tokens=1))[0]
+            metrics = probe.metrics
+            assert metrics is not None, "request metrics need disable_log_stats=False"
+            llm.generate(prompts[1:], SamplingParams(max_tokens=1))
             emit(
-                "progress",
+                "prefilled",
                 {
-                    "context": args.context,
-                    "batch": batch,
-                    "policy": policy,
-                    "decode_tok_s": run["decode_tok_s"],
+                    "ttft_s": metrics.first_token_latency,
+                    "cached_tokens": probe.num_cached_tokens or 0,
+                    "seconds": time.perf_counter() - start,
                 },
             )
-        emit(
-            "batch",
-            {
-                "engine": args.child,
-                "context": args.context,
-                "batch": batch,
-                "new_prompt_prefill_wall_s": prefill_wall,
-                "runs": runs,
-            },
-        )
+            continue
+        batch, policy = order["batch"], order.get("policy", BASELINE)
+        if cmd == "short":
+            shorts = [
+                TokensPrompt(prompt_token_ids=prompt_ids(tokenizer, SHORT_CONTEXT, s))
+                for s in range(1000, 1000 + batch)
+            ]
+            llm.generate(shorts, SamplingParams(max_tokens=2, ignore_eos=True))
+            emit("measured", decode_measure(llm.generate(shorts, timed)))
+            continue
+        effective: dict[str, Any] = {}
+        if ours:
+            # Configure every time: clears the decode-time H2O mass earlier
+            # runs added, so every timed run starts from prefill's.
+            effective = llm.collective_rpc(
+                "infinigen_configure", args=(policy_options(policy, args.budget),)
+            )[0]
+        if (batch, policy) not in warmed:
+            warmed.add((batch, policy))
+            llm.generate(prompts[:batch], SamplingParams(max_tokens=2, ignore_eos=True))
+        if ours:
+            llm.collective_rpc("infinigen_reset_stats")
+        run = decode_measure(llm.generate(prompts[:batch], timed))
+        run["options"] = effective
+        if ours:
+            run["stats"] = llm.collective_rpc("infinigen_stats")[0]
+        emit("measured", run)
 
 
 # -------------------------------------------------------------- parent: a run
 
 
+class Engine:
+    """A child engine process and the orders it takes."""
+
+    def __init__(
+        self, args: argparse.Namespace, kind: str, context: int, core: int
+    ) -> None:
+        self.kind = kind
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            kind,
+            "--model",
+            args.model,
+            "--context",
+            str(context),
+            "--max-batch",
+            str(args.max_batch_of[context]),
+            "--budget",
+            str(args.budget),
+            "--decode-tokens",
+            str(args.decode_tokens),
+            "--options",
+            args.options,
+            "--dtype",
+            args.dtype,
+        ]
+        env = dict(os.environ)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kvcache_gib)
+        if (os.cpu_count() or 1) > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+        self.log: IO[str] = open(  # noqa: SIM115 (closed in close())
+            RESULTS / f".speed-{kind}-{context}.log", "w"
+        )
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+
+    def read(self, kind: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(TAG):
+                record = json.loads(line[len(TAG) :])
+                if record.pop("kind") == kind:
+                    return record
+        self.proc.wait()
+        self.log.flush()
+        tail = Path(self.log.name).read_text()[-4000:]
+        raise RuntimeError(
+            f"{self.kind} engine ended ({self.proc.returncode}):\n{tail}"
+        )
+
+    def order(self, **order: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(order) + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, kind: str, **order: Any) -> dict[str, Any]:
+        self.order(**order)
+        return self.read(kind)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.order(cmd="quit")
+                self.proc.wait(timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.log.close()
+
+
+def both(engines: list[Engine], kind: str, **order: Any) -> list[dict[str, Any]]:
+    """Give every engine the same order and wait for all (they run at once)."""
+    results: list[Any] = [None] * len(engines)
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = (
+                engines[i].ask(kind, **order) if order else engines[i].read(kind)
+            )
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(engines))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(str(errors[0]))
+    return results
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda r: float(r["decode_tok_s"]))
+    run = dict(ordered[len(ordered) // 2])
+    run["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in runs]
+    run["decode_s_all_rounds"] = sum(r["decode_s"] for r in runs)
+    return run
+
+
+def run_context(
+    args: argparse.Namespace, context: int, batches: list[int], started: float
+) -> dict[str, Any]:
+    """Both engines at one context length: prefill, then interleaved rounds."""
+
+    def say(text: str) -> None:
+        print(
+            f"  [{time.perf_counter() - started:6.0f} s] {context}: {text}", flush=True
+        )
+
+    base = Engine(args, BASELINE, context, core=0)
+    ours = Engine(args, "infinigen", context, core=1)
+    try:
+        ready = both([base, ours], "ready")
+        say(f"engines ready ({ready[0]['seconds']:.0f} s, {ready[1]['seconds']:.0f} s)")
+        prefilled = both([base, ours], "prefilled", cmd="prefill")
+        say(
+            f"prefilled {args.max_batch_of[context]} prompts "
+            f"({prefilled[0]['seconds']:.0f} s, {prefilled[1]['seconds']:.0f} s)"
+        )
+        shapes = []
+        for batch in batches:
+            rounds: dict[str, list[dict[str, Any]]] = {BASELINE: []}
+            rounds.update({p: [] for p in args.policies})
+            for _ in range(args.repeats):
+                rounds[BASELINE].append(
+                    base.ask("measured", cmd="measure", batch=batch)
+                )
+                for policy in args.policies:
+                    rounds[policy].append(
+                        ours.ask("measured", cmd="measure", batch=batch, policy=policy)
+                    )
+                say(
+                    f"x{batch}: "
+                    + ", ".join(
+                        f"{name} {runs[-1]['decode_tok_s']:.2f}"
+                        for name, runs in rounds.items()
+                    )
+                    + " tok/s"
+                )
+            short = [
+                base.ask("measured", cmd="short", batch=batch)
+                for _ in range(args.repeats)
+            ]
+            shapes.append(
+                {
+                    "context": context,
+                    "batch": batch,
+                    "runs": {name: median_run(runs) for name, runs in rounds.items()},
+                    "short": median_run(short),
+                }
+            )
+        return {
+            "context": context,
+            "ready_s": [r["seconds"] for r in ready],
+            "prefill": {BASELINE: prefilled[0], "infinigen": prefilled[1]},
+            "shapes": shapes,
+        }
+    finally:
+        base.close()
+        ours.close()
+
+
 def kv_bytes(stats: dict[str, Any], num_layers: int) -> dict[str, float]:
     """Counted KV bytes per decoded token (one request's step): ``full``
     reads every block of every layer; ``read`` is what the policy read
-    (selected blocks in its sparse layers, every block in its dense layers);
-    ``selected`` is the sparse layers' part of ``read`` (the engine's swapped
-    bytes). Normalised by the counted decode requests, not steps, because the
+    (selected blocks in its sparse layers, every block in its dense layers).
+    Normalised by the counted decode requests, not steps, because the
     requests of a batch may start decoding one step apart."""
     total = stats["total"]
     sparse = max(len(stats["layers"]), 1)
     tokens = total["decode_requests"] / sparse  # decode requests per layer
     block = stats["block_bytes"]
     blocks_per_layer = total["blocks_total"] / max(tokens * sparse, 1)
-    selected = total["bytes_swapped"] / max(tokens, 1)
+    selected = total["kv_bytes_read"] / max(tokens, 1)
     dense_layers = (num_layers - sparse) * blocks_per_layer * block
     return {
-        "decode_tokens_counted": tokens,
         "full": blocks_per_layer * block * num_layers,
         "read": selected + dense_layers,
-        "selected": selected,
-        "blocks_per_layer": blocks_per_layer,
         "selected_blocks_per_layer": total["blocks_selected"] / max(tokens * sparse, 1),
+        "blocks_per_layer": blocks_per_layer,
     }
 
 
@@ -304,61 +429,65 @@ def prefix_agreement(ref: list[list[int]], other: list[list[int]]) -> float:
 
 
 def summarise(
-    base: dict[str, Any], ours: dict[str, Any], num_layers: int, gbps: float
+    shape: dict[str, Any], num_layers: int, gbps: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Measured rows (one per policy, baseline first) and modelled transfer
-    rows of one (context, batch)."""
-    context, batch = base["context"], base["batch"]
-    ref = base["runs"][BASELINE]
-    measured: list[dict[str, Any]] = []
-    modelled: list[dict[str, Any]] = []
-    # Counted bytes per decoded token, and per decode step of the batch.
-    per_token = {
-        policy: kv_bytes(run["stats"], num_layers)
-        for policy, run in ours["runs"].items()
+    """Measured rows (baseline first, then each policy) and modelled
+    transfer rows of one shape."""
+    context, batch = shape["context"], shape["batch"]
+    runs = shape["runs"]
+    ref = runs[BASELINE]
+    step = batch / ref["decode_tok_s"]  # seconds per decode step
+    rest = min(batch / shape["short"]["decode_tok_s"], step)
+    kv_part = step - rest
+    counted = {
+        p: kv_bytes(r["stats"], num_layers) for p, r in runs.items() if "stats" in r
     }
-    full_token = max(c["full"] for c in per_token.values())
+    full_token = max(c["full"] for c in counted.values())
     full_step = full_token * batch
     link = gbps * 1e9
-    measured.append(
+    common = {"context": context, "batch": batch}
+    measured = [
         {
-            "context": context,
-            "batch": batch,
+            **common,
             "policy": BASELINE,
             "decode_tok_s": ref["decode_tok_s"],
+            "step_s": step,
             "speed_ratio": 1.0,
-            "kv_bytes_per_step": full_step,
             "kv_bytes_per_token": full_token,
             "bytes_ratio": 1.0,
+            "ceiling": 1.0,
+            "kv_part_of_step": kv_part / step,
         }
-    )
-    modelled.append(
+    ]
+    modelled = [
         {
-            "context": context,
-            "batch": batch,
+            **common,
             "policy": FULL_FETCH,
             "bytes_per_step": full_step,
             "transfer_ms_per_step": full_step / link * 1e3,
             "full_over_policy": 1.0,
         }
-    )
-    for policy, run in ours["runs"].items():
-        counted = per_token[policy]
+    ]
+    for policy, run in runs.items():
+        if policy == BASELINE:
+            continue
+        c = counted[policy]
         total = run["stats"]["total"]
-        decode_s = max(run["decode_s_all_repeats"], 1e-9)
+        decode_s = max(run["decode_s"], 1e-9)
+        share = c["read"] / max(c["full"], 1.0)
         measured.append(
             {
-                "context": context,
-                "batch": batch,
+                **common,
                 "policy": policy,
                 "decode_tok_s": run["decode_tok_s"],
+                "step_s": batch / run["decode_tok_s"],
                 "speed_ratio": run["decode_tok_s"] / ref["decode_tok_s"],
-                "kv_bytes_per_step": counted["read"] * batch,
-                "kv_bytes_per_token": counted["read"],
-                "bytes_ratio": counted["read"] / max(counted["full"], 1.0),
+                "kv_bytes_per_token": c["read"],
+                "bytes_ratio": share,
+                "ceiling": step / (rest + share * kv_part),
                 "selection_fraction": total["selection_fraction"],
-                "blocks_per_layer_token": counted["blocks_per_layer"],
-                "selected_blocks_per_layer_token": counted["selected_blocks_per_layer"],
+                "selected_blocks_per_layer_token": c["selected_blocks_per_layer"],
+                "dense_step_share": total["dense_steps"] / max(total["steps"], 1),
                 "speculation_share": total["speculation_s"] / decode_s,
                 "swap_share": total["swap_s"] / decode_s,
                 "attention_share": total["attention_s"] / decode_s,
@@ -369,104 +498,14 @@ def summarise(
         )
         modelled.append(
             {
-                "context": context,
-                "batch": batch,
+                **common,
                 "policy": policy,
-                "bytes_per_step": counted["read"] * batch,
-                "transfer_ms_per_step": counted["read"] * batch / link * 1e3,
-                "full_over_policy": full_token / max(counted["read"], 1.0),
+                "bytes_per_step": c["read"] * batch,
+                "transfer_ms_per_step": c["read"] * batch / link * 1e3,
+                "full_over_policy": full_token / max(c["read"], 1.0),
             }
         )
     return measured, modelled
-
-
-def launch(
-    args: argparse.Namespace, engine: str, context: int, batches: list[int]
-) -> dict[str, Any]:
-    """Run one engine process; return its tagged records (and echo progress)."""
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        engine,
-        "--model",
-        args.model,
-        "--context",
-        str(context),
-        "--batches",
-        *map(str, batches),
-        "--policies",
-        *args.policies,
-        "--budget",
-        str(args.budget),
-        "--decode-tokens",
-        str(args.decode_tokens),
-        "--repeats",
-        str(args.repeats),
-        "--options",
-        args.options,
-        "--dtype",
-        args.dtype,
-    ]
-    env = dict(os.environ)
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kvcache_gib)
-    records: dict[str, Any] = {"batches": []}
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if not line.startswith(TAG):
-                continue
-            record = json.loads(line[len(TAG) :])
-            kind = record.pop("kind")
-            if kind == "batch":
-                records["batches"].append(record)
-            elif kind == "progress":
-                print(
-                    f"  [{time.perf_counter() - start:6.0f} s] {engine} "
-                    f"{record['context']} x{record['batch']} {record['policy']}: "
-                    f"{record['decode_tok_s']:.2f} tok/s",
-                    flush=True,
-                )
-            else:
-                records[kind] = record
-        proc.wait()
-        if proc.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(
-                f"{engine} engine at context {context} failed "
-                f"({proc.returncode}):\n{log.read()[-4000:]}"
-            )
-    records["seconds"] = time.perf_counter() - start
-    return records
-
-
-def estimate_s(
-    contexts: dict[int, list[int]], policies: int, decode_tokens: int, repeats: int
-) -> float:
-    """Rough run time on this 2-core machine (measured by ``--quick`` while
-    other work shared it): ~80 s per engine start, prefill at ~55 tokens/s at
-    2K context, ~21 at 16K, decode steps of ~0.35 s plus ~0.2 s per
-    further request of the batch (1 s at 2K x4), and ~1 s + 0.5 s per request
-    of scheduling and last-block recompute per generate call."""
-
-    def prefill(tokens: int, context: int) -> float:
-        return tokens / (55 * (2048 / context) ** 0.45)
-
-    total = 0.0
-    for context, batches in contexts.items():
-        for runs in (1, policies):
-            total += 80 + prefill(min(context, 512) + context * max(batches), context)
-            for i, batch in enumerate(batches):
-                step = 0.35 + 0.2 * (batch - 1) + 0.02 * batch * context / 2048
-                call = 1 + 0.5 * batch
-                warms = runs if i == 0 else 1
-                total += runs * (repeats * (decode_tokens * step + call))
-                total += warms * (2 * step + call)
-    return total
 
 
 #: One colour per series in every panel.
@@ -613,23 +652,49 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {name}"
 
 
+def parse_shapes(values: list[str]) -> dict[int, list[int]]:
+    """``["8192x4", "8192x8"]`` -> ``{8192: [4, 8]}``."""
+    plan: dict[int, list[int]] = {}
+    for value in values:
+        context, _, batch = value.lower().partition("x")
+        plan.setdefault(int(context), []).append(int(batch))
+    return {c: sorted(set(b)) for c, b in sorted(plan.items())}
+
+
+def estimate_s(
+    plan: dict[int, list[int]], policies: int, args: argparse.Namespace
+) -> float:
+    """Rough run time on this 2-core machine: ~90 s of engine start, prefill
+    of every prompt in both engines at once (~75 tokens/s at 2K, ~45 at 8K,
+    ~21 at 16K per engine, each on its own core), and per round a timed and
+    (first time) a warm-up decode per policy and the baseline, at ~0.1 s per
+    step plus ~3 ms per request and 1K tokens of context."""
+    total = 0.0
+    for context, batches in plan.items():
+        rate = 80 * (2048 / context) ** 0.5
+        total += 90 + max(batches) * context / rate
+        for batch in batches:
+            step = 0.1 + 0.003 * batch * context / 1024
+            runs = (policies + 1) * (args.repeats + 1) + args.repeats
+            total += runs * (args.decode_tokens * step + 2)
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=16384,
-        help="skip (context, batch) with context * batch above this",
+        "--shapes",
+        nargs="+",
+        default=["2048x1", "8192x4", "8192x8"],
+        help="context x batch, e.g. 16384x4",
     )
     parser.add_argument("--policies", nargs="+", default=list(POLICY_ORDER))
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument(
-        "--repeats", type=int, default=1, help="timed runs, median kept"
+        "--repeats", type=int, default=3, help="interleaved timed rounds, median kept"
     )
     parser.add_argument(
         "--pcie-gbps",
@@ -640,11 +705,11 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="JSON infinigen options")
     parser.add_argument("--dtype", default="float32", help="float32 on AVX2 CPUs")
     parser.add_argument(
-        "--kvcache-gib", type=float, default=6, help="VLLM_CPU_KVCACHE_SPACE"
+        "--kvcache-gib", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE"
     )
     parser.add_argument("--model", default=None, help="model directory")
     parser.add_argument(
-        "--quick", action="store_true", help="2K context, batches 1 and 4, 16 tokens"
+        "--quick", action="store_true", help="2K x1 and x4, 16 tokens, 2 rounds"
     )
     parser.add_argument("--plan", action="store_true", help="print the plan, exit")
     parser.add_argument("--out", default=None)
@@ -652,6 +717,7 @@ def main() -> None:
         "--child", choices=(BASELINE, "infinigen"), help=argparse.SUPPRESS
     )
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
         from vllm_infinigen.models import DEFAULT_MODEL, build_model
@@ -661,78 +727,59 @@ def main() -> None:
         run_child(args)
         return
     if args.quick:
-        args.contexts, args.batches, args.decode_tokens = [2048], [1, 4], 16
+        args.shapes, args.decode_tokens, args.repeats = ["2048x1", "2048x4"], 16, 2
     out = Path(
         args.out or RESULTS / ("speed_quick.json" if args.quick else "speed.json")
     )
     unknown = set(args.policies) - set(POLICY_ORDER)
     if unknown:
         parser.error(f"unknown policies {sorted(unknown)}; known: {list(POLICY_ORDER)}")
-    plan = {
-        c: sorted(b for b in set(args.batches) if c * b <= args.max_batch_tokens)
-        for c in sorted(set(args.contexts))
-    }
-    skipped = [(c, b) for c in args.contexts for b in args.batches if b not in plan[c]]
-    plan = {c: b for c, b in plan.items() if b}
-    guess = estimate_s(plan, len(args.policies), args.decode_tokens, args.repeats)
+    plan = parse_shapes(args.shapes)
+    args.max_batch_of = {c: max(b) for c, b in plan.items()}
+    guess = estimate_s(plan, len(args.policies), args)
     print(
         "plan: "
         + ", ".join(f"{c} x{b}" for c, bs in plan.items() for b in bs)
-        + (
-            f"; skipped (over {args.max_batch_tokens} tokens): {skipped}"
-            if skipped
-            else ""
-        )
         + f"\npolicies {args.policies} at budget {args.budget}, "
-        f"{args.decode_tokens} decode tokens; estimated {guess / 60:.0f} min",
+        f"{args.decode_tokens} decode tokens, {args.repeats} rounds; "
+        f"estimated {guess / 60:.0f} min",
         flush=True,
     )
     if args.plan:
         return
+    RESULTS.mkdir(parents=True, exist_ok=True)
     config = json.loads((Path(args.model) / "config.json").read_text())
     num_layers = int(config["num_hidden_layers"])
     started = time.perf_counter()
     measured: list[dict[str, Any]] = []
     modelled: list[dict[str, Any]] = []
     ttft: list[dict[str, Any]] = []
-    engines: list[dict[str, Any]] = []
+    contexts: list[dict[str, Any]] = []
     failures: list[str] = []
     for context, batches in plan.items():
         try:
-            base = launch(args, BASELINE, context, batches)
-            ours = launch(args, "infinigen", context, batches)
+            result = run_context(args, context, batches, started)
         except RuntimeError as error:  # keep the other contexts' results
             print(error, file=sys.stderr, flush=True)
             failures.append(str(error))
             continue
+        base, ours = result["prefill"][BASELINE], result["prefill"]["infinigen"]
         ttft.append(
             {
                 "context": context,
-                "baseline_ttft_s": base["ttft"]["ttft_s"],
-                "infinigen_ttft_s": ours["ttft"]["ttft_s"],
-                "ratio": ours["ttft"]["ttft_s"] / base["ttft"]["ttft_s"],
-                "baseline_prefill_s": base["ttft"]["prefill_s"],
-                "infinigen_prefill_s": ours["ttft"]["prefill_s"],
-                "cold": base["ttft"]["cached_tokens"] == 0
-                and ours["ttft"]["cached_tokens"] == 0,
+                "baseline_ttft_s": base["ttft_s"],
+                "infinigen_ttft_s": ours["ttft_s"],
+                "ratio": ours["ttft_s"] / base["ttft_s"],
+                "cold": base["cached_tokens"] == 0 and ours["cached_tokens"] == 0,
             }
         )
-        for b_rec, o_rec in zip(base["batches"], ours["batches"], strict=True):
-            rows, model_rows = summarise(b_rec, o_rec, num_layers, args.pcie_gbps)
+        for shape in result["shapes"]:
+            rows, model_rows = summarise(shape, num_layers, args.pcie_gbps)
             measured += rows
             modelled += model_rows
-        for rec in (base, ours):
-            for b_rec in rec["batches"]:
-                for run in b_rec["runs"].values():
-                    run.pop("token_ids", None)
-        engines += [
-            {"engine": BASELINE, "context": context, **base},
-            {"engine": "infinigen", "context": context, **ours},
-        ]
-        print(
-            f"context {context} done after {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
+            for run in [*shape["runs"].values(), shape["short"]]:
+                run.pop("token_ids", None)
+        contexts.append(result)
     seconds = time.perf_counter() - started
     for r in measured:
         r["kv_mb_per_token"] = r["kv_bytes_per_token"] / 1e6
@@ -742,8 +789,10 @@ def main() -> None:
         ("policy", "policy", "<10"),
         ("tok/s", "decode_tok_s", ".2f"),
         ("vs dense vLLM", "speed_ratio", ".2f"),
+        ("ceiling", "ceiling", ".2f"),
         ("KV MB/token", "kv_mb_per_token", ".2f"),
         ("bytes / full", "bytes_ratio", ".3f"),
+        ("selection share", "speculation_share", ".3f"),
         ("greedy agree", "greedy_prefix_agreement", ".2f"),
     ]
     model_rows_mb = [{**r, "mb": r["bytes_per_step"] / 1e6} for r in modelled]
@@ -767,7 +816,6 @@ def main() -> None:
         "(counted bytes / bandwidth):\n" + table(model_rows_mb, model_cols)
     )
     print("\nMeasured time to first token, one cold prompt:\n" + table(ttft, ttft_cols))
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
@@ -783,7 +831,6 @@ def main() -> None:
                 "repeats": args.repeats,
                 "options": json.loads(args.options),
                 "kvcache_gib": args.kvcache_gib,
-                "skipped": skipped,
                 "measured": measured,
                 "ttft": ttft,
                 "transfer_model": {
@@ -799,7 +846,7 @@ def main() -> None:
                     ),
                     "rows": modelled,
                 },
-                "engines": engines,
+                "contexts": contexts,
                 "failures": failures,
             },
             indent=2,

@@ -24,6 +24,8 @@ GOOD: list[tuple[str, Any]] = [
     ("recent_blocks", 3),
     ("min_blocks", 0),
     ("min_blocks", 16),
+    ("sparse_min_tokens", 0),
+    ("sparse_min_tokens", 16384),
     ("dense_layers", [0, 23]),
     ("dense_layers", []),
     ("host_pool_gib", 8),
@@ -36,6 +38,7 @@ GOOD: list[tuple[str, Any]] = [
     ("calibration_file", "/tmp/calib.txt"),
     ("swap_mode", "thread"),
     ("swap_mode", "sync"),
+    ("swap_mode", "in_place"),
 ]
 
 BAD: list[tuple[str, Any]] = [
@@ -57,6 +60,8 @@ BAD: list[tuple[str, Any]] = [
     ("recent_blocks", 0),
     ("min_blocks", -1),
     ("min_blocks", 2.5),
+    ("sparse_min_tokens", -1),
+    ("sparse_min_tokens", 1.5),
     ("dense_layers", [-1]),
     ("dense_layers", "0"),
     ("dense_layers", [0.5]),

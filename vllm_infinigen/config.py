@@ -81,6 +81,15 @@ class InfiniGenConfig:
     20% budget reads only the sink and newest blocks of a 3-block request and
     loses the text between them."""
 
+    sparse_min_tokens: int | None = None
+    """A decode step whose requests hold fewer context tokens than this, in
+    total, reads every block (vLLM's dense path): below it, choosing the
+    blocks costs more than reading them all. >= 0, or None for the
+    platform's default (CPU: 8192; InfiniGen's selection, about 0.54 ms per
+    layer plus 0.054 us per context token on one core, costs less than the
+    80% of the kernel's 0.18 us per token it saves from about 5.8K tokens;
+    ``benchmarks/speculation_cost.py``). 0 selects at every length."""
+
     dense_layers: tuple[int, ...] = (0,)
     """Layer indices that keep vLLM's dense decode attention (layer 0 has no
     previous layer to speculate from). Non-negative, below the layer count."""
@@ -125,6 +134,8 @@ class InfiniGenConfig:
         _check_int("sink_blocks", self.sink_blocks, minimum=0)
         _check_int("recent_blocks", self.recent_blocks, minimum=1)
         _check_int("min_blocks", self.min_blocks, minimum=0)
+        if self.sparse_min_tokens is not None:
+            _check_int("sparse_min_tokens", self.sparse_min_tokens, minimum=0)
         if not isinstance(self.dense_layers, tuple) or not all(
             _is_int(i) and i >= 0 for i in self.dense_layers
         ):

@@ -32,14 +32,14 @@ BLOCK, KV, HEADS, DIM, HIDDEN, P = 4, 2, 4, 8, 16, 3
 NUM_BLOCKS = 96
 
 
-def _speculator(seed: int) -> LayerSpeculator:
+def _speculator(seed: int, device: str = "cpu") -> LayerSpeculator:
     gen = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(KV, DIM, DIM, generator=gen))
     channels = torch.stack([torch.randperm(DIM, generator=gen)[:P].sort().values] * KV)
     return LayerSpeculator.build(
-        LayerSkew(basis, channels),
-        q_weight=torch.randn(HEADS * DIM, HIDDEN, generator=gen),
-        q_bias=torch.randn(HEADS * DIM, generator=gen),
+        LayerSkew(basis.to(device), channels.to(device)),
+        q_weight=torch.randn(HEADS * DIM, HIDDEN, generator=gen).to(device),
+        q_bias=torch.randn(HEADS * DIM, generator=gen).to(device),
         num_heads=HEADS,
         rope=NeoxRotary(DIM),
     )
@@ -53,7 +53,9 @@ def _plain_reader(host: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 class World:
     """A runtime, its host caches and a batch of requests written into them."""
 
-    def __init__(self, seq_lens: list[int], **options: Any) -> None:
+    def __init__(
+        self, seq_lens: list[int], device: str = "cpu", **options: Any
+    ) -> None:
         infos = {
             0: LayerInfo(0, "layers.0.attn", 0.5, False, "first layer"),
             1: LayerInfo(1, "layers.1.attn", 0.5, True, ""),
@@ -63,34 +65,35 @@ class World:
         self.runtime = InfiniGenRuntime(
             InfiniGenConfig(**options),
             infos,
-            {1: _speculator(1), 2: _speculator(2)},
+            {1: _speculator(1, device), 2: _speculator(2, device)},
             self.context,
         )
         gen = torch.Generator().manual_seed(7)
         self.host = {
-            i: torch.zeros(NUM_BLOCKS, KV, BLOCK, 2 * DIM) for i in self.runtime.sparse
+            i: torch.zeros(NUM_BLOCKS, KV, BLOCK, 2 * DIM, device=device)
+            for i in self.runtime.sparse
         }
-        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         width = (max(seq_lens) + BLOCK - 1) // BLOCK
         self.table = (
             torch.randperm(NUM_BLOCKS, generator=gen)[: len(seq_lens) * width]
             .view(len(seq_lens), width)
-            .to(torch.int32)
+            .to(device=device, dtype=torch.int32)
         )
         self.keys: dict[int, list[torch.Tensor]] = {}
         for index in self.runtime.sparse:
             self.keys[index] = []
             for r, n in enumerate(seq_lens):
-                key = torch.randn(n, KV, DIM, generator=gen)
+                key = torch.randn(n, KV, DIM, generator=gen).to(device)
                 self.write(index, r, key, 0)
                 self.keys[index].append(key)
-        self.x = torch.randn(len(seq_lens), HIDDEN, generator=gen)
+        self.x = torch.randn(len(seq_lens), HIDDEN, generator=gen).to(device)
 
     def layer(self, index: int) -> SparseLayer:
         return self.runtime.sparse[index]
 
     def slots(self, r: int, start: int, count: int) -> torch.Tensor:
-        pos = torch.arange(start, start + count)
+        pos = torch.arange(start, start + count, device=self.table.device)
         return self.table[r, pos // BLOCK].long() * BLOCK + pos % BLOCK
 
     def write(self, index: int, r: int, key: torch.Tensor, start: int) -> None:
@@ -100,8 +103,8 @@ class World:
         view[slots, :, :DIM] = key
         host.copy_(view.view(NUM_BLOCKS, BLOCK, KV, 2 * DIM).permute(0, 2, 1, 3))
         # vLLM pads slot mappings with -1: the runtime must skip those.
-        padded = torch.cat([slots, torch.tensor([-1])])
-        key = torch.cat([key, torch.zeros(1, KV, DIM)])
+        padded = torch.cat([slots, torch.full_like(slots[:1], -1)])
+        key = torch.cat([key, torch.zeros_like(key[:1])])
         self.runtime.on_kv_write(self.layer(index), key, host, padded)
 
     def prepare(self, index: int) -> None:
@@ -111,6 +114,7 @@ class World:
             self.table,
             self.seq_lens,
             int(self.seq_lens.max()),
+            int(self.seq_lens.sum()),
         )
 
 
@@ -145,6 +149,32 @@ def test_short_requests_take_the_dense_path_at_a_small_budget() -> None:
     world.prepare(1)
     assert world.layer(1).pending is None
     assert world.runtime.stats_snapshot()["total"]["dense_steps"] == 1
+
+
+def test_short_steps_read_everything_until_selection_pays() -> None:
+    world = World([61, 100], budget=0.3, min_blocks=2, sparse_min_tokens=200)
+    assert not world.runtime.needs_input(161)
+    world.prepare(1)  # 161 context tokens: below the threshold
+    assert world.layer(1).pending is None
+    world.runtime.reconfigure({"sparse_min_tokens": 100})
+    assert world.runtime.needs_input(161)
+    world.prepare(1)
+    assert world.layer(1).pending is not None
+    total = world.runtime.stats_snapshot()["total"]
+    assert total["steps"] == 2 and total["dense_steps"] == 1
+    with pytest.raises(ValueError, match="'sparse_min_tokens' must be an integer"):
+        world.runtime.reconfigure({"sparse_min_tokens": -1})
+
+
+def test_platform_default_applies_when_unset() -> None:
+    world = World([61, 100], budget=0.3, min_blocks=2)
+    world.context.sparse_min_tokens = 1000
+    assert world.runtime.sparse_min_tokens == 1000
+    world.prepare(1)
+    assert world.layer(1).pending is None
+    world.runtime.reconfigure({"sparse_min_tokens": 0})
+    world.prepare(1)
+    assert world.layer(1).pending is not None
 
 
 @pytest.mark.parametrize("policy", ["infinigen", "streaming", "h2o"])

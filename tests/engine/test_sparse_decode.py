@@ -52,6 +52,9 @@ def runs(
     prompts_file = tmp / "prompts.json"
     prompts_file.write_text(json.dumps(_prompts()))
     common = {"max_tokens": MAX_TOKENS, "max_model_len": 4096}
+    # Select at every length: these steps hold fewer context tokens than
+    # the CPU's default threshold for sparse steps.
+    select = {"sparse_min_tokens": 0}
     dense, _ = run_engine(
         qwen_model_dir, "default", prompts_file, tmp / "dense.json", **common
     )
@@ -61,6 +64,7 @@ def runs(
         prompts_file,
         tmp / "sparse.json",
         stats=True,
+        **select,
         **common,
     )
     staged, _ = run_engine(
@@ -70,6 +74,7 @@ def runs(
         tmp / "staged.json",
         stats=True,
         swap_mode="sync",
+        **select,
         **common,
     )
     return {"dense": dense, "sparse": sparse, "staged": staged, "log": log}

@@ -1,10 +1,13 @@
-"""The decode hot path (speculate, score, select, count) never syncs with the host."""
+"""The decode hot path never syncs with the host: the method's functions
+(speculate, score, select, count) and the engine's per-layer path (the
+runtime preparing a layer's read)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.engine.test_runtime import World
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
@@ -55,3 +58,22 @@ def test_decode_path_has_no_host_sync(
         torch.cuda.set_sync_debug_mode("default")
     assert ids.shape == (4, 6)
     assert int(counters.sum()) == int(selection.counts.sum())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["infinigen", "streaming", "h2o"])
+def test_layer_path_has_no_host_sync(policy: str) -> None:
+    """The per-layer decode path (score, select, count, plan in place) never
+    waits for the device."""
+    world = World([61, 100, 7], device="cuda", budget=0.3, min_blocks=2, policy=policy)
+    layer = world.layer(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        world.prepare(1)
+        read = world.runtime.take(layer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert read is not None
+    assert read.plan.compact_block_table.device.type == "cuda"
+    assert int(layer.tallies[1]) == int(read.plan.counts.sum()) > 0

@@ -93,6 +93,8 @@ class InfiniGenCPUMetadata(CPUAttentionMetadata):
     prefill_req_idx: torch.Tensor | None = None
     """``[num_prefills]`` int64 rows of the other requests."""
     max_decode_seq_len: int = 0
+    decode_tokens: int = 0
+    """Context tokens of the decode requests (``sum(decode_seq_lens)``)."""
     prefill_src_block_ids: torch.Tensor | None = None
     """Staging placement only: ``[num_prefill_blocks]`` int64 host block ids
     of every block of every prefill request (request after request), when
@@ -142,6 +144,7 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         meta.decode_block_table = base.block_table[decode_idx]
         meta.decode_seq_lens = base.seq_lens[decode_idx]
         meta.max_decode_seq_len = int(meta.decode_seq_lens.max())
+        meta.decode_tokens = int(meta.decode_seq_lens.sum())
         prefill_idx = torch.nonzero(~is_decode).flatten()
         meta.prefill_req_idx = prefill_idx
         if prefill_idx.numel() and self.staging:
@@ -235,6 +238,7 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
                         meta.decode_block_table,
                         meta.decode_seq_lens,
                         meta.max_decode_seq_len,
+                        meta.decode_tokens,
                         extra_slots=meta.num_prefill_blocks,
                     )
             for observer in runtime.observers:

@@ -66,6 +66,7 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
     "sink_blocks",
     "recent_blocks",
     "min_blocks",
+    "sparse_min_tokens",
 )
 
 
@@ -146,11 +147,23 @@ class InfiniGenRuntime:
             policy.on_kv_write(layer, keys, slots, fresh)
 
     # ------------------------------------------------------------- selection
-    def reads_everything(self, max_seq_len: int) -> bool:
-        """Whether every block of every decode request would be read: the
-        policy reads everything, the budget covers every block, or no request
-        is longer than its forced blocks (``max_seq_len``: the longest)."""
-        if self.config.is_exact or self.policy.reads_everything:
+    @property
+    def sparse_min_tokens(self) -> int:
+        """Decode steps with fewer context tokens (all requests) read whole."""
+        value = self.config.sparse_min_tokens
+        return self.context.sparse_min_tokens if value is None else value
+
+    def reads_everything(self, max_seq_len: int, total_tokens: int) -> bool:
+        """Whether the step reads every block of every decode request: the
+        policy reads everything, the budget covers every block, the step is
+        too short for selection to pay (``total_tokens``: the decode
+        requests' context tokens), or no request is longer than its forced
+        blocks (``max_seq_len``: the longest)."""
+        if (
+            self.config.is_exact
+            or self.policy.reads_everything
+            or total_tokens < self.sparse_min_tokens
+        ):
             return True
         width = (max_seq_len + self.block_size - 1) // self.block_size
         policy = self.selection
@@ -165,6 +178,7 @@ class InfiniGenRuntime:
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
         max_seq_len: int,
+        total_tokens: int,
         extra_slots: int = 0,
     ) -> None:
         """Choose layer ``layer``'s blocks for the decode requests, one layer
@@ -177,6 +191,7 @@ class InfiniGenRuntime:
             seq_lens: ``[num_decodes]`` tokens per request, this step's token
                 included.
             max_seq_len: ``max(seq_lens)`` (a host int from the metadata).
+            total_tokens: ``sum(seq_lens)`` (a host int from the metadata).
             extra_slots: staging room to keep for this step's prefill blocks.
         """
         if layer.partial_cache is None:  # no KV written yet (profiling run)
@@ -186,7 +201,7 @@ class InfiniGenRuntime:
         start = time.perf_counter()
         width = (max_seq_len + self.block_size - 1) // self.block_size
         table = block_table[:, :width]
-        if self.reads_everything(max_seq_len):
+        if self.reads_everything(max_seq_len, total_tokens):
             if self.in_place:  # vLLM's dense path reads the host tier as is
                 n_blocks = num_blocks_of(seq_lens, self.block_size)
                 layer.tally(n_blocks, n_blocks)
@@ -204,9 +219,13 @@ class InfiniGenRuntime:
             selection = select_blocks(scores, seq_lens, self.block_size, self.selection)
         self._prepare(layer, selection, table, seq_lens, extra_slots, start)
 
-    def needs_input(self) -> bool:
+    def needs_input(self, total_tokens: int) -> bool:
         """Whether :meth:`prepare_ahead` reads the previous layer's input."""
-        return self.policy.ahead and not self.policy.reads_everything
+        return (
+            self.policy.ahead
+            and not self.policy.reads_everything
+            and total_tokens >= self.sparse_min_tokens
+        )
 
     def prepare_at_attention(
         self,
@@ -215,6 +234,7 @@ class InfiniGenRuntime:
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
         max_seq_len: int,
+        total_tokens: int,
         extra_slots: int = 0,
     ) -> PreparedRead | None:
         """A policy that chooses from the layer's real decode queries
@@ -226,7 +246,7 @@ class InfiniGenRuntime:
         if (
             self.policy.ahead
             or layer.partial_cache is None
-            or self.reads_everything(max_seq_len)
+            or self.reads_everything(max_seq_len, total_tokens)
         ):
             return None
         start = time.perf_counter()

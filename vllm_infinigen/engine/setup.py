@@ -26,6 +26,16 @@ from vllm_infinigen.engine.runtime import InfiniGenRuntime
 
 PreHook = Callable[[torch.nn.Module, tuple[Any, ...]], None]
 
+#: Default ``sparse_min_tokens`` on vLLM's CPU build: decode steps with fewer
+#: context tokens read every block. Measured on one core of this project's
+#: 2-core machine (``benchmarks/speculation_cost.py``, results/
+#: speculation_cost.json): InfiniGen's selection with the fused scorer costs
+#: about 0.54 ms per layer plus 0.054 us per context token, vLLM's CPU kernel
+#: 0.18 us per token, so reading 20% of the blocks pays from about 5.8K tokens
+#: per step; rounded up for the engine's per-step costs the isolated
+#: measurement leaves out.
+CPU_SPARSE_MIN_TOKENS = 8192
+
 logger = init_logger("vllm.infinigen.setup")
 
 
@@ -82,13 +92,15 @@ def _make_hook(runtime: InfiniGenRuntime, target: SparseLayer) -> PreHook:
             return
         assert meta.decode_block_table is not None
         assert meta.decode_seq_lens is not None
-        x = args[0][meta.decode_token_idx] if runtime.needs_input() else None
+        needs_input = runtime.needs_input(meta.decode_tokens)
+        x = args[0][meta.decode_token_idx] if needs_input else None
         runtime.prepare_ahead(
             target,
             x,
             meta.decode_block_table,
             meta.decode_seq_lens,
             meta.max_decode_seq_len,
+            meta.decode_tokens,
             extra_slots=meta.num_prefill_blocks,
         )
 
@@ -106,7 +118,9 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
     dtype: Any = vllm_config.model_config.dtype
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if head_dim is None:
-        return PolicyContext(block_size=block_size)
+        return PolicyContext(
+            block_size=block_size, sparse_min_tokens=CPU_SPARSE_MIN_TOKENS
+        )
 
     def order() -> torch.Tensor:
         isa = _get_attn_isa(dtype, block_size, head_dim, cache_dtype)

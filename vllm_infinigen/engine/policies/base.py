@@ -51,11 +51,18 @@ class PolicyContext:
             platform cannot (a policy that needs it refuses to be tracked).
         key_reader_check: raises a ValueError naming why keys cannot be read
             (``None``: nothing to check).
+        sparse_min_tokens: the platform's default for the option of that name
+            (decode steps with fewer context tokens read every block).
+        block_scorer: a faster implementation of
+            :func:`~vllm_infinigen.method.scoring.block_scores` for this
+            platform's tensors (same arguments and result), or ``None``.
     """
 
     block_size: int
     key_reader: KeyReader | None = None
     key_reader_check: Callable[[], None] | None = None
+    sparse_min_tokens: int = 0
+    block_scorer: Callable[..., torch.Tensor] | None = None
 
 
 class BlockPolicy:

@@ -4,7 +4,9 @@ One layer ahead, layer ``L-1``'s attention input becomes layer ``L``'s
 speculated partial query (:class:`~vllm_infinigen.method.speculator.
 LayerSpeculator`), scored against ``L``'s partial keys (which the runtime
 writes for every sparse layer, whatever the policy, so the engine can switch
-to InfiniGen while serving). The ``alpha`` threshold applies.
+to InfiniGen while serving). The ``alpha`` threshold applies. Scoring uses
+the platform's fused scorer where it has one (the CPU's, ``engine/
+cpu_scoring.py``), else the torch ops of ``method/scoring.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class InfiniGenPolicy(BlockPolicy):
     ) -> torch.Tensor:
         assert layer.partial_cache is not None
         query = layer.speculator.speculate(x, (seq_lens - 1).long())
+        scorer = self.context.block_scorer
+        if scorer is not None:
+            return scorer(
+                query,
+                layer.partial_cache,
+                table,
+                seq_lens,
+                layer.info.scale,
+                selection.score_rule,
+            )
         return block_scores(
             query,
             layer.partial_cache,

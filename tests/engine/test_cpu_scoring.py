@@ -1,0 +1,59 @@
+"""The fused CPU block scorer equals the torch reference (method/scoring.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_infinigen.engine.cpu_scoring import load_block_scorer
+from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
+
+
+@pytest.fixture(scope="module")
+def scorer():  # type: ignore[no-untyped-def]
+    errors: list[str] = []
+    fused = load_block_scorer(errors.append)
+    assert fused is not None, errors  # the project's machines have a compiler
+    return fused
+
+
+def _case(seed: int, block_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    kv, group, p = 2, 7, 20
+    num_reqs = int(torch.randint(1, 6, (1,), generator=gen))
+    seq_lens = torch.randint(1, 40 * block_size, (num_reqs,), generator=gen)
+    width = int((seq_lens.max() + block_size - 1) // block_size) + 2  # ragged + pad
+    num_blocks = num_reqs * width + 5
+    cache = torch.randn(num_blocks, block_size, kv, p, generator=gen).to(dtype)
+    table = torch.randperm(num_blocks, generator=gen)[: num_reqs * width]
+    query = torch.randn(num_reqs, kv * group, p, generator=gen) * 2
+    return query, cache, table.view(num_reqs, width).to(torch.int32), seq_lens
+
+
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
+@pytest.mark.parametrize("block_size", [32, 64, 16])
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_scores_match_reference(
+    scorer, rule: BlockScoreRule, block_size: int, seed: int
+) -> None:  # type: ignore[no-untyped-def]
+    query, cache, table, seq_lens = _case(seed, block_size, torch.float32)
+    want = block_scores(query, cache, table, seq_lens, 0.125, rule)
+    got = scorer(query, cache, table, seq_lens, 0.125, rule)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_partial_keys(scorer) -> None:  # type: ignore[no-untyped-def]
+    query, cache, table, seq_lens = _case(7, 32, torch.bfloat16)
+    want = block_scores(query, cache.float(), table, seq_lens, 0.125)
+    got = scorer(query, cache, table, seq_lens, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_empty_table(scorer) -> None:  # type: ignore[no-untyped-def]
+    query, cache, _, _ = _case(1, 32, torch.float32)
+    out = scorer(
+        query[:2], cache, torch.zeros(2, 0, dtype=torch.int32), torch.ones(2), 1.0
+    )
+    assert out.shape == (2, 2, 0)

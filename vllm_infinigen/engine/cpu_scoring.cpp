@@ -1,0 +1,218 @@
+// InfiniGen's block scores in one pass over the partial keys (CPU).
+//
+// Computes what vllm_infinigen.method.scoring.block_scores computes, without
+// materialising the [requests, heads, tokens] logits: for every request it
+// walks the request's blocks once (fetching the next block ahead, since a
+// block table is scattered), forms the logits of every query head for the
+// block's tokens in a small buffer, and keeps per block and head the block's
+// maximum logit and its sum of exp(logit - maximum). A second, block-sized pass turns those into the log of the
+// block's softmax mass averaged over the group (LOG_MASS) or takes the
+// block's largest logit (MAX).
+//
+// Shapes (all contiguous):
+//   query   [R, H, P] float32, already multiplied by the softmax scale
+//   cache   [N, B, KV, P] float32 / bfloat16 / float16 (the partial keys)
+//   table   [R, M] int32 physical block ids
+//   lens    [R] int32 tokens per request (1 <= len <= M * B)
+//   out     [R, KV, M] float32, -inf past a request's last block
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 in plain arithmetic, so that the compiler vectorises
+// the loops that call it (a libm call per element would cost more than the
+// rest of the scoring): x = n ln2 + r with |r| <= ln2 / 2, e^r by its
+// degree-6 Taylor polynomial (relative error below 2e-7), 2^n from the
+// exponent bits. Inputs below -87 give 0-like 2^-126 scaled values.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+constexpr int64_t kTile = 32;  // tokens per tile; vLLM's CPU blocks are multiples
+constexpr int64_t kAhead = 2;  // blocks fetched ahead of the one being scored
+
+// Logits of the group's G query heads for one tile of tokens:
+// l[h][t] = sum_c q[h][c] * k[c][t] (keys transposed, tokens innermost). The
+// two 16-float accumulators stay in registers across the channel loop.
+typedef float v16sf __attribute__((vector_size(64)));
+
+inline void tile_logits(const float* __restrict q, const float* __restrict k,
+                        float* __restrict l, int64_t G, int64_t P) {
+  static_assert(kTile == 32, "two 16-float accumulators per tile");
+  for (int64_t h = 0; h < G; ++h) {
+    v16sf a0 = {}, a1 = {};
+    for (int64_t c = 0; c < P; ++c) {
+      const float qc = q[h * P + c];
+      v16sf k0, k1;
+      __builtin_memcpy(&k0, k + c * kTile, sizeof(k0));
+      __builtin_memcpy(&k1, k + c * kTile + 16, sizeof(k1));
+      a0 += qc * k0;
+      a1 += qc * k1;
+    }
+    __builtin_memcpy(l + h * kTile, &a0, sizeof(a0));
+    __builtin_memcpy(l + h * kTile + 16, &a1, sizeof(a1));
+  }
+}
+
+template <typename scalar_t>
+void score_requests(const float* query, const scalar_t* cache, const int32_t* table,
+                    const int32_t* lens, float* out, int64_t begin, int64_t end,
+                    int64_t M, int64_t B, int64_t KV, int64_t P, int64_t G,
+                    bool log_mass) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t H = KV * G;
+  const int64_t block_elems = B * KV * P;
+  const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(scalar_t));
+  std::vector<float> keys(KV * P * kTile);  // [KV][P][tile]: tokens innermost
+  std::vector<float> logits(G * kTile);     // [G][tile]
+  std::vector<float> bmax(H * M);           // [KV][G][M]
+  std::vector<float> bsum(H * M);
+  std::vector<float> best(KV * M);
+  std::vector<float> mass(M);
+  std::vector<float> weight(M);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t len = lens[r];
+    const int64_t blocks = (len + B - 1) / B;
+    const float* q = query + r * H * P;  // [KV][G][P]
+    for (int64_t j = 0; j < std::min<int64_t>(kAhead, blocks); ++j) {
+      const char* first =
+          reinterpret_cast<const char*>(cache + table[r * M + j] * block_elems);
+      for (int64_t byte = 0; byte < block_bytes; byte += 64)
+        __builtin_prefetch(first + byte, 0, 2);
+    }
+    for (int64_t j = 0; j < blocks; ++j) {
+      const scalar_t* k = cache + table[r * M + j] * block_elems;
+      if (j + kAhead < blocks) {  // blocks lie scattered: fetch ahead
+        const char* next = reinterpret_cast<const char*>(
+            cache + table[r * M + j + kAhead] * block_elems);
+        for (int64_t byte = 0; byte < block_bytes; byte += 64)
+          __builtin_prefetch(next + byte, 0, 2);
+      }
+      const int64_t valid = std::min<int64_t>(B, len - j * B);
+      for (int64_t start = 0; start < valid; start += kTile) {
+        const int64_t count = std::min<int64_t>(kTile, valid - start);
+        // One pass over the tile's keys, every KV head: [t][g][c] -> [g][c][t]
+        // (a partly filled last tile copies only its valid tokens).
+        const scalar_t* kt = k + start * KV * P;
+        if (count == kTile) {
+          for (int64_t gc = 0; gc < KV * P; ++gc) {
+            float* dst = keys.data() + gc * kTile;
+#pragma omp simd
+            for (int64_t t = 0; t < kTile; ++t)
+              dst[t] = static_cast<float>(kt[t * KV * P + gc]);
+          }
+        } else {
+          for (int64_t t = 0; t < count; ++t)
+            for (int64_t gc = 0; gc < KV * P; ++gc)
+              keys[gc * kTile + t] = static_cast<float>(kt[t * KV * P + gc]);
+        }
+        for (int64_t g = 0; g < KV; ++g) {
+          tile_logits(q + g * G * P, keys.data() + g * P * kTile, logits.data(), G, P);
+          float tile_best = neg_inf;
+          for (int64_t h = 0; h < G; ++h) {
+            float* l = logits.data() + h * kTile;
+            for (int64_t t = count; t < kTile; ++t) l[t] = neg_inf;  // past the end
+            float m = neg_inf;
+#pragma omp simd reduction(max : m)
+            for (int64_t t = 0; t < kTile; ++t) m = std::max(m, l[t]);
+            tile_best = std::max(tile_best, m);
+            if (!log_mass) continue;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t t = 0; t < kTile; ++t) s += exp_nonpositive(l[t] - m);
+            float& bm = bmax[(g * G + h) * M + j];
+            float& bs = bsum[(g * G + h) * M + j];
+            if (start == 0) {  // the block's first tile (the only one at B = 32)
+              bm = m;
+              bs = s;
+            } else {  // merge this tile into the block's running (max, sum)
+              const float top = std::max(bm, m);
+              bs = bs * exp_nonpositive(bm - top) + s * exp_nonpositive(m - top);
+              bm = top;
+            }
+          }
+          float& kb = best[g * M + j];
+          kb = start == 0 ? tile_best : std::max(kb, tile_best);
+        }
+      }
+    }
+    for (int64_t g = 0; g < KV; ++g) {
+      float* o = out + (r * KV + g) * M;
+      for (int64_t j = blocks; j < M; ++j) o[j] = neg_inf;
+      if (!log_mass) {
+        for (int64_t j = 0; j < blocks; ++j) o[j] = best[g * M + j];
+        continue;
+      }
+      std::fill(mass.begin(), mass.begin() + blocks, 0.0f);
+      for (int64_t h = 0; h < G; ++h) {
+        const float* bm = bmax.data() + (g * G + h) * M;
+        const float* bs = bsum.data() + (g * G + h) * M;
+        float* w = weight.data();
+        float top = neg_inf;
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < blocks; ++j) top = std::max(top, bm[j]);
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < blocks; ++j) {
+          w[j] = bs[j] * exp_nonpositive(bm[j] - top);
+          total += w[j];
+        }
+        const float inv = 1.0f / (total * static_cast<float>(G));
+#pragma omp simd
+        for (int64_t j = 0; j < blocks; ++j) mass[j] += w[j] * inv;
+      }
+      for (int64_t j = 0; j < blocks; ++j) o[j] = std::log(mass[j]);
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
+                           torch::Tensor table, torch::Tensor lens, bool log_mass) {
+  TORCH_CHECK(query.is_contiguous() && query.scalar_type() == torch::kFloat32,
+              "query must be contiguous float32");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, "cache must be [N, B, KV, P]");
+  TORCH_CHECK(table.is_contiguous() && table.scalar_type() == torch::kInt32,
+              "table must be contiguous int32");
+  TORCH_CHECK(lens.is_contiguous() && lens.scalar_type() == torch::kInt32,
+              "lens must be contiguous int32");
+  const int64_t R = table.size(0), M = table.size(1);
+  const int64_t B = cache.size(1), KV = cache.size(2), P = cache.size(3);
+  const int64_t G = query.size(1) / KV;
+  auto out = torch::empty({R, KV, M}, query.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::BFloat16, at::ScalarType::Half, cache.scalar_type(),
+      "infinigen_block_scores", [&] {
+        const float* q = query.data_ptr<float>();
+        const scalar_t* c = cache.data_ptr<scalar_t>();
+        const int32_t* t = table.data_ptr<int32_t>();
+        const int32_t* n = lens.data_ptr<int32_t>();
+        float* o = out.data_ptr<float>();
+        at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+          score_requests<scalar_t>(q, c, t, n, o, begin, end, M, B, KV, P, G,
+                                   log_mass);
+        });
+      });
+  return out;
+}
