@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_infinigen.engine.policies.registry import POLICIES as REGISTERED
+from vllm_infinigen.engine.policies.registry import policy_class
 from vllm_infinigen.method.agreement import prefix_agreement
 
 # In-process engine (deterministic, and the logits processor class below is
@@ -79,7 +81,10 @@ RESULTS = REPO / "benchmarks" / "results"
 BOOK = REPO.parent / "shared" / "data" / "pg19_firstbook.txt"
 
 #: Sparse policies compared (``dense`` is always run as the reference).
-POLICIES: tuple[str, ...] = ("infinigen", "quest", "h2o", "streaming")
+#: The sparse policies (every registered policy that chooses blocks).
+POLICIES: tuple[str, ...] = tuple(
+    name for name in REGISTERED if not policy_class(name).reads_everything
+)
 #: ``SamplingParams.extra_args`` key of the token ids to force, in order.
 FORCE_KEY = "forced_token_ids"
 #: Standard-library modules (mostly code) the perplexity documents are made

@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-POLICIES = ("dense", "infinigen", "quest", "h2o", "streaming")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -33,6 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
+
+    from vllm_infinigen.engine.policies.registry import POLICIES
 
     prompts = json.loads(Path(args.prompts).read_text())
     llm = LLM(

@@ -325,3 +325,19 @@ def test_h2o_prefill_observation_counts_rows_once() -> None:
     torch.testing.assert_close(prefill, torch.full((KV,), 15.0))
     world.runtime.reconfigure({"budget": 0.3})  # a new run: back to prefill's
     torch.testing.assert_close(h2o.mass[1].sum(0), prefill)
+
+
+def test_swap_mode_switches_between_requests() -> None:
+    world = World([61, 100], budget=0.3, min_blocks=2)
+    runtime = world.runtime
+    assert runtime.copier is None
+    runtime.reconfigure({"swap_mode": "thread"})
+    world.prepare(1)
+    read = runtime.take(world.layer(1))
+    assert read is not None and read.handle is not None
+    runtime.finish_staging(world.layer(1), read)
+    runtime.reconfigure({"swap_mode": "in_place"})
+    assert runtime.copier is None
+    world.prepare(1)
+    read = runtime.take(world.layer(1))
+    assert read is not None and read.handle is None

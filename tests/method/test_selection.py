@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -25,6 +26,10 @@ from vllm_infinigen.method.selection import (
     select_blocks,
     selected_block_ids,
 )
+
+#: The reference twin of the selection has no per-request floor: these
+#: policies start from ``min_blocks=0`` (tests of the floor set it).
+Policy = functools.partial(SelectionPolicy, min_blocks=0)
 
 
 def _ragged_batch(
@@ -123,16 +128,14 @@ def _check_against_reference(
 
 
 POLICIES = [
-    SelectionPolicy(),
-    SelectionPolicy(alpha=1.0, budget_fraction=0.5),
-    SelectionPolicy(alpha=0.0, budget_fraction=1.0, sink_blocks=0, recent_blocks=0),
-    SelectionPolicy(
-        alpha=math.inf, budget_fraction=0.3, sink_blocks=2, recent_blocks=2
-    ),
-    SelectionPolicy(alpha=3.0, budget_fraction=1.0, max_blocks=4),
-    SelectionPolicy(alpha=8.0, budget_fraction=0.25, head_reduction=HeadReduction.MAX),
-    SelectionPolicy(alpha=2.0, budget_fraction=0.05, sink_blocks=3, recent_blocks=3),
-    SelectionPolicy(alpha=5.0, budget_fraction=0.4, head_reduction=HeadReduction.MEAN),
+    Policy(),
+    Policy(alpha=1.0, budget_fraction=0.5),
+    Policy(alpha=0.0, budget_fraction=1.0, sink_blocks=0, recent_blocks=0),
+    Policy(alpha=math.inf, budget_fraction=0.3, sink_blocks=2, recent_blocks=2),
+    Policy(alpha=3.0, budget_fraction=1.0, max_blocks=4),
+    Policy(alpha=8.0, budget_fraction=0.25, head_reduction=HeadReduction.MAX),
+    Policy(alpha=2.0, budget_fraction=0.05, sink_blocks=3, recent_blocks=3),
+    Policy(alpha=5.0, budget_fraction=0.4, head_reduction=HeadReduction.MEAN),
 ]
 
 
@@ -156,7 +159,7 @@ def test_select_blocks_random_scores(seed: int) -> None:
     lens = torch.randint(1, 300, (num_reqs,), generator=g)
     # coarse scores: many exact ties, exercising the tie rule
     scores = torch.randint(-6, 3, (num_reqs, 3, 20), generator=g).float()
-    policy = SelectionPolicy(
+    policy = Policy(
         alpha=float(torch.randint(0, 6, (1,), generator=g)),
         budget_fraction=float(torch.rand(1, generator=g)) * 0.9 + 0.1,
         max_blocks=[None, 3, 8][seed % 3],
@@ -170,7 +173,7 @@ def test_select_blocks_random_scores(seed: int) -> None:
 def test_equal_scores_prefer_newest_blocks() -> None:
     scores = torch.zeros(1, 2, 10)
     lens = torch.tensor([160])  # 10 full blocks of 16
-    policy = SelectionPolicy(alpha=1.0, budget_fraction=0.5, sink_blocks=1)
+    policy = Policy(alpha=1.0, budget_fraction=0.5, sink_blocks=1)
     sel = select_blocks(scores, lens, 16, policy)
     # 5 blocks: sink 0, recent 9, then the newest candidates 8, 7, 6
     assert sel.indices[0].tolist()[:5] == [0, 6, 7, 8, 9]
@@ -180,9 +183,7 @@ def test_equal_scores_prefer_newest_blocks() -> None:
 def test_budget_larger_than_sequence_selects_all_candidates() -> None:
     q, cache, table, lens = _ragged_batch([40, 9], 16)
     scores = block_scores(q, cache, table, lens, 1.0)
-    sel = select_blocks(
-        scores, lens, 16, SelectionPolicy(alpha=math.inf, budget_fraction=1.0)
-    )
+    sel = select_blocks(scores, lens, 16, Policy(alpha=math.inf, budget_fraction=1.0))
     assert sel.counts.tolist() == [3, 1]
     assert sel.indices[0, :3].tolist() == [0, 1, 2]
     assert sel.indices[1].tolist()[:1] == [0]
@@ -191,9 +192,7 @@ def test_budget_larger_than_sequence_selects_all_candidates() -> None:
 def test_newest_block_is_last_and_forced() -> None:
     q, cache, table, lens = _ragged_batch([77, 130, 16], 16, seed=2)
     scores = block_scores(q, cache, table, lens, 1.0)
-    sel = select_blocks(
-        scores, lens, 16, SelectionPolicy(alpha=0.0, budget_fraction=0.1)
-    )
+    sel = select_blocks(scores, lens, 16, Policy(alpha=0.0, budget_fraction=0.1))
     newest = num_blocks_of(lens, 16) - 1
     last = torch.gather(sel.indices, 1, (sel.counts - 1)[:, None])[:, 0]
     assert torch.equal(last, newest)
@@ -203,9 +202,7 @@ def test_newest_block_is_last_and_forced() -> None:
 def test_forced_blocks_exceed_small_budget() -> None:
     scores = torch.randn(1, 2, 20)
     lens = torch.tensor([320])
-    policy = SelectionPolicy(
-        alpha=100.0, budget_fraction=0.05, sink_blocks=2, recent_blocks=2
-    )
+    policy = Policy(alpha=100.0, budget_fraction=0.05, sink_blocks=2, recent_blocks=2)
     sel = select_blocks(scores, lens, 16, policy)
     assert sel.indices[0, :4].tolist() == [0, 1, 18, 19]
     assert sel.counts.tolist() == [4]
@@ -217,22 +214,20 @@ def test_min_blocks_reads_short_requests_whole_and_floors_the_budget() -> None:
     scores = torch.full((3, 2, 20), -100.0)
     scores[:, :, 0] = 0.0
     lens = torch.tensor([70, 256, 640])
-    policy = SelectionPolicy(alpha=8.0, budget_fraction=0.2, min_blocks=8)
+    policy = Policy(alpha=8.0, budget_fraction=0.2, min_blocks=8)
     sel = select_blocks(scores, lens, 32, policy)
     assert sel.counts.tolist() == [3, 8, 2]  # 20 blocks: alpha keeps 2 of 8
     assert sel.indices[0, :3].tolist() == [0, 1, 2]
     assert sel.indices[1, :8].tolist() == list(range(8))
-    loose = SelectionPolicy(alpha=math.inf, budget_fraction=0.2, min_blocks=8)
+    loose = Policy(alpha=math.inf, budget_fraction=0.2, min_blocks=8)
     assert select_blocks(scores, lens, 32, loose).counts.tolist() == [3, 8, 8]
-    without = SelectionPolicy(alpha=8.0, budget_fraction=0.2)
+    without = Policy(alpha=8.0, budget_fraction=0.2)
     assert select_blocks(scores, lens, 32, without).counts.tolist() == [2, 2, 2]
 
 
 def test_min_blocks_is_capped_by_max_blocks() -> None:
     scores = torch.zeros(1, 2, 6)
-    policy = SelectionPolicy(
-        alpha=math.inf, budget_fraction=0.2, max_blocks=3, min_blocks=8
-    )
+    policy = Policy(alpha=math.inf, budget_fraction=0.2, max_blocks=3, min_blocks=8)
     sel = select_blocks(scores, torch.tensor([192]), 32, policy)
     assert sel.indices.shape == (1, 3)
     assert sel.counts.tolist() == [3]
@@ -241,7 +236,7 @@ def test_min_blocks_is_capped_by_max_blocks() -> None:
 def test_max_blocks_caps_count_and_width() -> None:
     q, cache, table, lens = _ragged_batch([400, 200], 16)
     scores = block_scores(q, cache, table, lens, 1.0)
-    policy = SelectionPolicy(alpha=math.inf, budget_fraction=1.0, max_blocks=6)
+    policy = Policy(alpha=math.inf, budget_fraction=1.0, max_blocks=6)
     sel = select_blocks(scores, lens, 16, policy)
     assert sel.indices.shape == (2, 6)
     assert sel.counts.tolist() == [6, 6]
@@ -255,20 +250,20 @@ def test_per_head_union_keeps_a_quiet_heads_block() -> None:
         scores,
         lens,
         16,
-        SelectionPolicy(head_reduction=HeadReduction.PER_HEAD, **kwargs),  # type: ignore[arg-type]
+        Policy(head_reduction=HeadReduction.PER_HEAD, **kwargs),  # type: ignore[arg-type]
     )
     merged = select_blocks(
         scores,
         lens,
         16,
-        SelectionPolicy(head_reduction=HeadReduction.MAX, **kwargs),  # type: ignore[arg-type]
+        Policy(head_reduction=HeadReduction.MAX, **kwargs),  # type: ignore[arg-type]
     )
     assert per_head.indices[0, : int(per_head.counts[0])].tolist() == [0, 1, 2]
     assert merged.indices[0, : int(merged.counts[0])].tolist() == [0, 1]
 
 
 def test_zero_requests() -> None:
-    policy = SelectionPolicy()
+    policy = Policy()
     sel = select_blocks(
         torch.zeros(0, 2, 7), torch.zeros(0, dtype=torch.int32), 16, policy
     )
@@ -302,13 +297,13 @@ def test_policy_validation_names_the_option(
     kwargs: dict[str, float], name: str
 ) -> None:
     with pytest.raises(ValueError, match=name):
-        SelectionPolicy(**kwargs)  # type: ignore[arg-type]
+        Policy(**kwargs)  # type: ignore[arg-type]
 
 
 def test_selected_ids_and_counters_match_reference() -> None:
     q, cache, table, lens = _ragged_batch([90, 33, 250, 16], 16, seed=6)
     scores = block_scores(q, cache, table, lens, 1.0)
-    policy = SelectionPolicy(alpha=2.0, budget_fraction=0.4)
+    policy = Policy(alpha=2.0, budget_fraction=0.4)
     sel = select_blocks(scores, lens, 16, policy)
     ids = selected_block_ids(table, sel)
     rows = [sel.indices[r, : int(sel.counts[r])].tolist() for r in range(4)]
@@ -325,9 +320,7 @@ def test_selected_ids_and_counters_match_reference() -> None:
 def test_shared_prefix_block_counts_once_per_request() -> None:
     table = torch.tensor([[4, 2], [4, 3]], dtype=torch.int32)
     scores = torch.zeros(2, 1, 2)
-    sel = select_blocks(
-        scores, torch.tensor([20, 20]), 16, SelectionPolicy(budget_fraction=1.0)
-    )
+    sel = select_blocks(scores, torch.tensor([20, 20]), 16, Policy(budget_fraction=1.0))
     counters = count_selected_blocks(new_selection_counters(6), table, sel)
     assert counters.tolist() == [0, 0, 1, 1, 2, 0]
 

@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from vllm_infinigen.config import SWAP_MODES
+
 
 class StagingArea:
     """Two grow-on-demand staging buffers shaped like a paged KV cache.
@@ -91,7 +93,7 @@ def _copy_blocks(
 class BlockCopier:
     """Submits host -> staging block copies, inline or on a worker thread."""
 
-    MODES = ("sync", "thread")
+    MODES = tuple(mode for mode in SWAP_MODES if mode != "in_place")
 
     def __init__(self, mode: str) -> None:
         if mode not in self.MODES:

@@ -96,7 +96,7 @@ class InfiniGenCPUMetadata(CPUAttentionMetadata):
     decode_tokens: int = 0
     """Context tokens of the decode requests (``sum(decode_seq_lens)``)."""
     prefill_src_block_ids: torch.Tensor | None = None
-    """Staging placement only: ``[num_prefill_blocks]`` int64 host block ids
+    """For the staging placement: ``[num_prefill_blocks]`` int64 host block ids
     of every block of every prefill request (request after request), when
     the batch also has decodes: prefills read their whole context, so it is
     copied in whole."""
@@ -117,8 +117,6 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
-        self.staging = config.swap_mode != "in_place"
 
     def build(
         self,
@@ -147,7 +145,7 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         meta.decode_tokens = int(meta.decode_seq_lens.sum())
         prefill_idx = torch.nonzero(~is_decode).flatten()
         meta.prefill_req_idx = prefill_idx
-        if prefill_idx.numel() and self.staging:
+        if prefill_idx.numel():  # read by the staging placement only
             self._plan_prefill_blocks(meta, prefill_idx)
         return meta
 
@@ -157,7 +155,7 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         """Lay the prefill requests' whole contexts out after the decode slots
         (layer-independent, so computed once per step)."""
         seq_lens = meta.seq_lens[rows].long()
-        counts = (seq_lens + self.block_size - 1) // self.block_size
+        counts = num_blocks_of(seq_lens, self.block_size)
         width = int(counts.max())
         table = meta.block_table[rows, :width].long()
         cols = torch.arange(width)[None, :]

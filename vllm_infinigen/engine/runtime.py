@@ -47,6 +47,7 @@ from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.partial_cache import write_partial_keys
 from vllm_infinigen.method.selection import (
     SelectionPolicy,
+    blocks_for,
     num_blocks_of,
     select_blocks,
     selection_from_mask,
@@ -67,6 +68,7 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
     "recent_blocks",
     "min_blocks",
     "sparse_min_tokens",
+    "swap_mode",
 )
 
 
@@ -104,13 +106,22 @@ class InfiniGenRuntime:
             for index, info in sorted(layers.items())
             if info.sparse
         }
-        self.in_place = config.swap_mode == "in_place"
-        self.copier = None if self.in_place else BlockCopier(config.swap_mode)
+        self.copier: BlockCopier | None = None
+        self._place(config.swap_mode)
         self.policies: dict[str, BlockPolicy] = {}
         """Tracked policies (their device metadata is maintained)."""
         self.track([config.policy])
         self.policy = self.policies[config.policy]
         self.selection = selection_policy(config, self.policy)
+
+    def _place(self, swap_mode: str) -> None:
+        """Read in place, or through staging with a copier of that mode."""
+        self.in_place = swap_mode == "in_place"
+        if self.copier is not None and self.copier.mode != swap_mode:
+            self.copier.shutdown()
+            self.copier = None
+        if not self.in_place and self.copier is None:
+            self.copier = BlockCopier(swap_mode)
 
     @property
     def speculators(self) -> dict[int, LayerSpeculator]:
@@ -165,7 +176,7 @@ class InfiniGenRuntime:
             or total_tokens < self.sparse_min_tokens
         ):
             return True
-        width = (max_seq_len + self.block_size - 1) // self.block_size
+        width = blocks_for(max_seq_len, self.block_size)
         policy = self.selection
         return width <= max(
             policy.sink_blocks + policy.recent_blocks, policy.effective_min_blocks
@@ -199,7 +210,7 @@ class InfiniGenRuntime:
         if layer.pending is not None:  # an aborted step left it
             self._drop(layer)
         start = time.perf_counter()
-        width = (max_seq_len + self.block_size - 1) // self.block_size
+        width = blocks_for(max_seq_len, self.block_size)
         table = block_table[:, :width]
         if self.reads_everything(max_seq_len, total_tokens):
             if self.in_place:  # vLLM's dense path reads the host tier as is
@@ -250,7 +261,7 @@ class InfiniGenRuntime:
         ):
             return None
         start = time.perf_counter()
-        width = (max_seq_len + self.block_size - 1) // self.block_size
+        width = blocks_for(max_seq_len, self.block_size)
         table = block_table[:, :width]
         scores = self.policy.scores_at_attention(
             layer, query, table, seq_lens, self.selection
@@ -338,7 +349,9 @@ class InfiniGenRuntime:
     def reconfigure(self, options: dict[str, Any]) -> dict[str, Any]:
         """Change selection options between requests. Validated like start-up
         options; every tracked policy starts a new run (H2O's decode-time
-        mass is cleared back to prefill's).
+        mass is cleared back to prefill's). Switching ``swap_mode`` to a
+        staging mode allocates staging buffers that vLLM's automatic KV size
+        did not leave room for when the engine started in place.
 
         Returns the effective options.
         """
@@ -360,6 +373,7 @@ class InfiniGenRuntime:
         if any(layer.pending is not None for layer in self.sparse.values()):
             raise RuntimeError("INFINIGEN: reconfigure called during a step")
         self.track([config.policy])
+        self._place(config.swap_mode)
         self.config = config
         self.policy = self.policies[config.policy]
         self.selection = selection_policy(config, self.policy)

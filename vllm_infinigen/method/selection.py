@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_infinigen.config import DEFAULT_CONFIG
+
 from .scoring import BlockScoreRule
 
 PAD = -1
@@ -91,7 +93,7 @@ class SelectionPolicy:
     max_blocks: int | None = None
     sink_blocks: int = 1
     recent_blocks: int = 1
-    min_blocks: int = 0
+    min_blocks: int = DEFAULT_CONFIG.min_blocks
     head_reduction: HeadReduction = HeadReduction.MEAN
     score_rule: BlockScoreRule = BlockScoreRule.LOG_MASS
 
@@ -140,6 +142,11 @@ class BlockSelection:
 
     indices: torch.Tensor
     counts: torch.Tensor
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """``ceil(tokens / block_size)`` of a host int."""
+    return -(-tokens // block_size)
 
 
 def num_blocks_of(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
