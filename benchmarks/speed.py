@@ -668,25 +668,26 @@ def machine() -> str:
 
 
 def parse_shapes(values: list[str]) -> dict[int, list[int]]:
-    """``["8192x4", "8192x8"]`` -> ``{8192: [4, 8]}``."""
+    """``["16384x4", "8192x4", "8192x8"]`` -> ``{16384: [4], 8192: [4, 8]}``
+    (contexts in the order given: the run measures them in that order)."""
     plan: dict[int, list[int]] = {}
     for value in values:
         context, _, batch = value.lower().partition("x")
         plan.setdefault(int(context), []).append(int(batch))
-    return {c: sorted(set(b)) for c, b in sorted(plan.items())}
+    return {c: sorted(set(b)) for c, b in plan.items()}
 
 
 def estimate_s(
     plan: dict[int, list[int]], policies: int, args: argparse.Namespace
 ) -> float:
     """Rough run time on this 2-core machine: ~90 s of engine start, prefill
-    of every prompt in both engines at once (~75 tokens/s at 2K, ~45 at 8K,
-    ~21 at 16K per engine, each on its own core), and per round a timed and
+    of every prompt in both engines at once (~54 tokens/s at 2K, ~29 at 8K,
+    ~21 at 16K per engine, each on its own core; cold TTFTs of earlier runs), and per round a timed and
     (first time) a warm-up decode per policy and the baseline, at ~0.1 s per
     step plus ~3 ms per request and 1K tokens of context."""
     total = 0.0
     for context, batches in plan.items():
-        rate = 80 * (2048 / context) ** 0.5
+        rate = 54 * (2048 / context) ** 0.45
         total += 90 + max(batches) * context / rate
         for batch in batches:
             step = 0.1 + 0.003 * batch * context / 1024
@@ -797,6 +798,24 @@ def main() -> None:
             for run in [*shape["runs"].values(), shape["short"]]:
                 run.pop("token_ids", None)
         contexts.append(result)
+        report(args, out, started, guess, measured, modelled, ttft, contexts, failures)
+    if failures:
+        sys.exit(f"{len(failures)} context(s) failed; see 'failures' in {out}")
+
+
+def report(
+    args: argparse.Namespace,
+    out: Path,
+    started: float,
+    guess: float,
+    measured: list[dict[str, Any]],
+    modelled: list[dict[str, Any]],
+    ttft: list[dict[str, Any]],
+    contexts: list[dict[str, Any]],
+    failures: list[str],
+) -> None:
+    """Print the tables and write the JSON and plot of what is measured so
+    far (called after every context, so a stopped run keeps its results)."""
     seconds = time.perf_counter() - started
     for r in measured:
         r["kv_mb_per_token"] = r["kv_bytes_per_token"] / 1e6
@@ -875,8 +894,6 @@ def main() -> None:
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:
         print(f"wrote {out} (no measurements: no plot)")
-    if failures:
-        sys.exit(f"{len(failures)} context(s) failed; see 'failures' in {out}")
 
 
 if __name__ == "__main__":
