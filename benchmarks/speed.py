@@ -723,7 +723,7 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="JSON infinigen options")
     parser.add_argument("--dtype", default="float32", help="float32 on AVX2 CPUs")
     parser.add_argument(
-        "--kvcache-gib", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE"
+        "--kvcache-gib", type=int, default=3, help="VLLM_CPU_KVCACHE_SPACE (GiB)"
     )
     parser.add_argument("--model", default=None, help="model directory")
     parser.add_argument(
