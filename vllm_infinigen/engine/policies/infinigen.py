@@ -11,7 +11,8 @@ cpu_scoring.py``), else the torch ops of ``method/scoring.py``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,22 +44,15 @@ class InfiniGenPolicy(BlockPolicy):
     ) -> torch.Tensor:
         assert layer.partial_cache is not None
         query = layer.speculator.speculate(x, (seq_lens - 1).long())
-        scorer = self.context.block_scorer
-        if scorer is not None:
-            return scorer(
-                query,
-                layer.partial_cache,
-                table,
-                seq_lens,
-                layer.info.scale,
-                selection.score_rule,
-            )
-        return block_scores(
+        if self.context.block_scorer is not None:
+            score: Any = self.context.block_scorer
+        else:
+            score = functools.partial(block_scores, workspace=self.workspace)
+        return score(  # type: ignore[no-any-return]
             query,
             layer.partial_cache,
             table,
             seq_lens,
             layer.info.scale,
             selection.score_rule,
-            workspace=self.workspace,
         )

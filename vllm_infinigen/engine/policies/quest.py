@@ -35,13 +35,8 @@ class QuestPolicy(BlockPolicy):
         self.bounds: dict[int, torch.Tensor] = {}
         """Per layer index ``[num_blocks, 2, num_kv_heads, head_dim]``."""
 
-    def on_kv_write(
-        self,
-        layer: SparseLayer,
-        key: torch.Tensor,
-        slots: torch.Tensor,
-        fresh_blocks: torch.Tensor,
-    ) -> None:
+    def _layer_bounds(self, layer: SparseLayer, like: torch.Tensor) -> torch.Tensor:
+        """The layer's bounds, made empty (every block unknown) on first use."""
         bounds = self.bounds.get(layer.index)
         if bounds is None:
             assert layer.partial_cache is not None
@@ -49,10 +44,20 @@ class QuestPolicy(BlockPolicy):
                 layer.partial_cache.shape[0],
                 layer.num_kv_heads,
                 layer.speculator.head_dim,
-                dtype=key.dtype,
-                device=key.device,
+                dtype=like.dtype,
+                device=like.device,
             )
             self.bounds[layer.index] = bounds
+        return bounds
+
+    def on_kv_write(
+        self,
+        layer: SparseLayer,
+        key: torch.Tensor,
+        slots: torch.Tensor,
+        fresh_blocks: torch.Tensor,
+    ) -> None:
+        bounds = self._layer_bounds(layer, key)
         update_key_bounds(bounds, key, slots, self.context.block_size)
 
     def metadata_bytes(self) -> dict[str, int]:
@@ -66,17 +71,7 @@ class QuestPolicy(BlockPolicy):
         seq_lens: torch.Tensor,
         selection: SelectionPolicy,
     ) -> torch.Tensor:
-        bounds = self.bounds.get(layer.index)
-        if bounds is None:  # tracking began this step: every block unknown
-            assert layer.partial_cache is not None
-            bounds = new_key_bounds(
-                layer.partial_cache.shape[0],
-                layer.num_kv_heads,
-                layer.speculator.head_dim,
-                dtype=query.dtype,
-                device=query.device,
-            )
-            self.bounds[layer.index] = bounds
+        bounds = self._layer_bounds(layer, query)  # new if tracking began now
         return quest_block_scores(
             query, bounds, table, seq_lens, self.context.block_size, layer.info.scale
         )
