@@ -240,7 +240,8 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
                         extra_slots=meta.num_prefill_blocks,
                     )
             for observer in runtime.observers:
-                self._observe(observer, state, query, meta, read)
+                active = observer is runtime.policy
+                self._observe(observer, state, query, meta, read, active)
         if read is None or state is None:
             return super().forward(
                 layer,
@@ -336,10 +337,14 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
         query: torch.Tensor,
         meta: InfiniGenCPUMetadata,
         read: PreparedRead | None,
+        active: bool,
     ) -> None:
         """Hand a policy that observes attention what this layer attended:
-        prefill rows over their whole context, decode rows over the blocks
-        they read."""
+        prefill rows over their whole context (every tracked observer: a
+        later switch to it finds the prompts' evidence), decode rows over
+        the blocks they read (the active policy only: what an inactive one
+        saw of decode would be cleared by the reconfigure that activates
+        it)."""
         if meta.num_decodes:
             rows = meta.prefill_req_idx
             prefill_rows = [] if rows is None else rows.tolist()
@@ -354,7 +359,7 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
                 meta.block_table,
                 prefill_rows,
             )
-        if meta.num_decodes:
+        if meta.num_decodes and active:
             assert meta.decode_token_idx is not None
             if read is not None:
                 plan = read.plan

@@ -149,7 +149,9 @@ class BlockPolicy:
         sparse_seq_lens: torch.Tensor,
     ) -> None:
         """Decode queries (``[num_decodes, num_heads, head_dim]``) read the
-        blocks ``host_ids[r, :counts[r]]`` (``sparse_seq_lens[r]`` tokens)."""
+        blocks ``host_ids[r, :counts[r]]`` (``sparse_seq_lens[r]`` tokens).
+        Called only while this policy is the active one: :meth:`start_run`
+        clears decode-time evidence whenever options change."""
 
     def observe_prefill(
         self,
@@ -160,7 +162,8 @@ class BlockPolicy:
         block_table: torch.Tensor,
         rows: list[int],
     ) -> None:
-        """Prefill rows ``rows`` of the batch attended their whole context."""
+        """Prefill rows ``rows`` of the batch attended their whole context
+        (called for every tracked policy, active or not)."""
 
 
 def tensor_bytes(tensors: dict[int, torch.Tensor]) -> int:
