@@ -120,5 +120,6 @@ def test_only_a_fraction_of_blocks_moved(runs: dict[str, Any]) -> None:
     assert 0.0 < total["selection_fraction"] < 0.5, total
     assert total["kv_bytes_read"] > 0
     assert "selected blocks read in place" in runs["log"]
+    assert "INFINIGEN fused CPU block scoring ready" in runs["log"]
     # Every read prepared one layer ahead was consumed by its layer.
     assert runs["sparse"]["stats"]["pending_reads"] == 0

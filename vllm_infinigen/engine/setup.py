@@ -112,14 +112,20 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
     vLLM's packed CPU cache (H2O), checked before a policy relies on it."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    from vllm_infinigen.engine.cpu_scoring import load_block_scorer
     from vllm_infinigen.engine.key_layout import key_tile_order, read_keys
 
+    scorer = load_block_scorer(logger.warning)
+    if scorer is not None:
+        logger.info("INFINIGEN fused CPU block scoring ready")
     block_size = vllm_config.cache_config.block_size
     dtype: Any = vllm_config.model_config.dtype
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if head_dim is None:
         return PolicyContext(
-            block_size=block_size, sparse_min_tokens=CPU_SPARSE_MIN_TOKENS
+            block_size=block_size,
+            sparse_min_tokens=CPU_SPARSE_MIN_TOKENS,
+            block_scorer=scorer,
         )
 
     def order() -> torch.Tensor:
@@ -133,7 +139,11 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
         order()  # raises UnreadableKeyLayout (a ValueError) naming why
 
     return PolicyContext(
-        block_size=block_size, key_reader=reader, key_reader_check=check
+        block_size=block_size,
+        key_reader=reader,
+        key_reader_check=check,
+        sparse_min_tokens=CPU_SPARSE_MIN_TOKENS,
+        block_scorer=scorer,
     )
 
 
