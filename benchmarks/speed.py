@@ -682,9 +682,11 @@ def estimate_s(
 ) -> float:
     """Rough run time on this 2-core machine: ~90 s of engine start, prefill
     of every prompt in both engines at once (~54 tokens/s at 2K, ~29 at 8K,
-    ~21 at 16K per engine, each on its own core; cold TTFTs of earlier runs), and per round a timed and
-    (first time) a warm-up decode per policy and the baseline, at ~0.1 s per
-    step plus ~3 ms per request and 1K tokens of context."""
+    ~21 at 16K per engine, each on its own core; cold TTFTs of earlier
+    runs), and per round a timed and (first time) a warm-up decode per
+    policy and the baseline, at ~0.1 s per step plus ~3 ms per request and
+    1K tokens of context. Prefill ran faster in this engine's runs (4 x 16K
+    in 17 minutes)."""
     total = 0.0
     for context, batches in plan.items():
         rate = 54 * (2048 / context) ** 0.45
