@@ -39,13 +39,14 @@ from vllm.logger import init_logger
 from vllm_infinigen.config import InfiniGenConfig
 from vllm_infinigen.engine.copier import BlockCopier
 from vllm_infinigen.engine.layer_state import LayerInfo, PreparedRead, SparseLayer
-from vllm_infinigen.engine.placement import plan_in_place, plan_staging
+from vllm_infinigen.engine.placement import StagingPlan, plan_in_place, plan_staging
 from vllm_infinigen.engine.policies.base import BlockPolicy, PolicyContext
 from vllm_infinigen.engine.policies.registry import POLICIES, make_policy
 from vllm_infinigen.engine.stats import snapshot
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.partial_cache import write_partial_keys
 from vllm_infinigen.method.selection import (
+    BlockSelection,
     SelectionPolicy,
     blocks_for,
     num_blocks_of,
@@ -116,12 +117,16 @@ class InfiniGenRuntime:
 
     def _place(self, swap_mode: str) -> None:
         """Read in place, or through staging with a copier of that mode."""
-        self.in_place = swap_mode == "in_place"
         if self.copier is not None and self.copier.mode != swap_mode:
             self.copier.shutdown()
             self.copier = None
-        if not self.in_place and self.copier is None:
+        if swap_mode != "in_place" and self.copier is None:
             self.copier = BlockCopier(swap_mode)
+
+    @property
+    def in_place(self) -> bool:
+        """The kernel reads selected blocks in place (no copier)."""
+        return self.copier is None
 
     @property
     def speculators(self) -> dict[int, LayerSpeculator]:
@@ -273,7 +278,7 @@ class InfiniGenRuntime:
     def _prepare(
         self,
         layer: SparseLayer,
-        selection: Any,
+        selection: BlockSelection,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
         extra_slots: int,
@@ -282,22 +287,17 @@ class InfiniGenRuntime:
         """Plan a selection's read, count it and (staging) start its copy."""
         assert layer.counters is not None and layer.host_cache is not None
         count_selected_blocks(layer.counters, table, selection)
-        if self.copier is None:
-            plan = plan_in_place(selection, table, seq_lens, self.block_size)
-            layer.pending = PreparedRead(plan)
-            layer.tally(plan.dense_counts, plan.counts)
-            layer.stats.speculation_s += time.perf_counter() - start
-        else:
-            staged = plan_staging(selection, table, seq_lens, self.block_size)
-            layer.tally(staged.dense_counts, staged.counts)
-            layer.stats.speculation_s += time.perf_counter() - start
+        plan_read = plan_in_place if self.copier is None else plan_staging
+        plan = plan_read(selection, table, seq_lens, self.block_size)
+        layer.tally(plan.dense_counts, plan.counts)
+        layer.stats.speculation_s += time.perf_counter() - start
+        handle = None
+        if self.copier is not None:
+            assert isinstance(plan, StagingPlan)
             handle = self.copier.submit(
-                layer.index,
-                layer.host_cache,
-                staged.src_block_ids,
-                extra_slots=extra_slots,
+                layer.index, layer.host_cache, plan.src_block_ids, extra_slots
             )
-            layer.pending = PreparedRead(staged, handle)
+        layer.pending = PreparedRead(plan, handle)
         layer.stats.steps += 1
 
     def take(self, layer: SparseLayer) -> PreparedRead | None:
