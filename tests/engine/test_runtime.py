@@ -21,7 +21,11 @@ from vllm_infinigen.engine.placement import StagingPlan, plan_in_place
 from vllm_infinigen.engine.policies.base import PolicyContext
 from vllm_infinigen.engine.policies.h2o import H2OPolicy
 from vllm_infinigen.engine.policies.registry import POLICIES, policy_class
-from vllm_infinigen.engine.runtime import InfiniGenRuntime, selection_policy
+from vllm_infinigen.engine.runtime import (
+    InfiniGenRuntime,
+    plan_kv_write,
+    selection_policy,
+)
 from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.scoring import block_scores
 from vllm_infinigen.method.selection import PAD, select_blocks
@@ -141,6 +145,45 @@ def test_full_budget_in_place_takes_the_dense_path() -> None:
     assert stats["blocks_total"] == stats["blocks_selected"] == blocks
     assert stats["bytes_swapped"] == 0
     assert stats["kv_bytes_read"] == blocks * KV * BLOCK * 2 * DIM * 4
+
+
+def test_dense_path_counts_from_host_ints_like_tensors() -> None:
+    world = World([30, 41], budget=1.0)
+    layer = world.layer(1)
+    world.prepare(1)  # counted from the sequence lengths' tensor
+    world.runtime.prepare_ahead(
+        layer, None, world.table, world.seq_lens, 41, 71, total_blocks=8 + 11
+    )
+    stats = world.runtime.stats_snapshot()["layers"]["1"]
+    assert stats["dense_steps"] == 2 and stats["decode_requests"] == 4
+    assert stats["blocks_total"] == stats["blocks_selected"] == 2 * (8 + 11)
+    world.runtime.reset_stats()
+    assert world.runtime.stats_snapshot()["total"]["blocks_total"] == 0
+
+
+def test_kv_write_plan_skips_padding_and_finds_fresh_blocks() -> None:
+    slots = torch.tensor([5, -1, 32, 33, -1, 48], dtype=torch.int32)
+    write = plan_kv_write(slots, 16)
+    assert write.tokens == 6
+    assert write.rows is not None and write.rows.tolist() == [0, 2, 3, 5]
+    assert write.slots.tolist() == [5, 32, 33, 48]
+    assert write.fresh.tolist() == [2, 3]
+    whole = plan_kv_write(torch.tensor([7, 8]), 16)
+    assert whole.rows is None and whole.fresh.numel() == 0
+    # A planned write stores what an unplanned one does.
+    world = World([9])
+    layer = world.layer(1)
+    assert layer.partial_cache is not None
+    key = torch.randn(3, KV, DIM)
+    padded = torch.cat([world.slots(0, 9, 2), torch.tensor([-1])])
+    before = layer.partial_cache.clone()
+    world.runtime.on_kv_write(layer, key, world.host[1], padded)
+    once = layer.partial_cache.clone()
+    layer.partial_cache.copy_(before)
+    plan = plan_kv_write(padded, BLOCK)
+    world.runtime.on_kv_write(layer, key, world.host[1], padded, plan)
+    assert torch.equal(layer.partial_cache, once)
+    assert not torch.equal(once, before)
 
 
 def test_short_requests_take_the_dense_path_at_a_small_budget() -> None:

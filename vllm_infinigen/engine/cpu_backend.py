@@ -37,6 +37,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -50,6 +51,7 @@ from vllm_infinigen.config import InfiniGenConfig
 from vllm_infinigen.engine.copier import BlockCopier
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, PreparedRead, SparseLayer
 from vllm_infinigen.engine.policies.base import BlockPolicy
+from vllm_infinigen.engine.runtime import KVWrite, plan_kv_write
 from vllm_infinigen.engine.startup import announce
 from vllm_infinigen.method.selection import num_blocks_of
 
@@ -95,6 +97,11 @@ class InfiniGenCPUMetadata(CPUAttentionMetadata):
     max_decode_seq_len: int = 0
     decode_tokens: int = 0
     """Context tokens of the decode requests (``sum(decode_seq_lens)``)."""
+    decode_blocks: int = 0
+    """Blocks of the decode requests (``sum(ceil(seq_len / block_size))``)."""
+    kv_write: KVWrite | None = None
+    """Where this step's new tokens go (valid slots, fresh blocks): the same
+    for every layer, so planned once here."""
     prefill_src_block_ids: torch.Tensor | None = None
     """For the staging placement: ``[num_prefill_blocks]`` int64 host block ids
     of every block of every prefill request (request after request), when
@@ -130,6 +137,7 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.is_cross_attention or self.is_encoder_only_attention:
             return meta
         # CPU tensors: these index ops and host reads cost no device sync.
+        meta.kv_write = plan_kv_write(base.slot_mapping, self.block_size)
         query_start_loc = base.query_start_loc[: common_attn_metadata.num_reqs + 1]
         query_lens = query_start_loc[1:] - query_start_loc[:-1]
         is_decode = query_lens == 1
@@ -143,6 +151,9 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         meta.decode_seq_lens = base.seq_lens[decode_idx]
         meta.max_decode_seq_len = int(meta.decode_seq_lens.max())
         meta.decode_tokens = int(meta.decode_seq_lens.sum())
+        meta.decode_blocks = int(
+            num_blocks_of(meta.decode_seq_lens, self.block_size).sum()
+        )
         prefill_idx = torch.nonzero(~is_decode).flatten()
         meta.prefill_req_idx = prefill_idx
         if prefill_idx.numel():  # read by the staging placement only
@@ -205,7 +216,14 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         state: SparseLayer | None = getattr(layer, LAYER_ATTR, None)
         if state is not None:
-            state.runtime.on_kv_write(state, key, kv_cache, slot_mapping)
+            write = None
+            if is_forward_context_available():
+                metadata = get_forward_context().attn_metadata
+                if isinstance(metadata, dict):
+                    meta = metadata.get(state.info.name)
+                    if isinstance(meta, InfiniGenCPUMetadata):
+                        write = meta.kv_write
+            state.runtime.on_kv_write(state, key, kv_cache, slot_mapping, write)
 
     # ---------------------------------------------------------------- forward
     def forward(

@@ -80,6 +80,9 @@ class SparseLayer:
         self.tallies = torch.zeros(3, dtype=torch.long)
         """Blocks available, blocks read and decode requests, summed over
         decode steps (device tensor: updated without a host sync)."""
+        self.dense_tallies = [0, 0]
+        """Blocks and decode requests of dense-path steps, counted from host
+        ints (each block is both available and read)."""
         self.stats = LayerStats()
         self.pending: PreparedRead | None = None
 
@@ -121,6 +124,18 @@ class SparseLayer:
         self.tallies[1].add_(counts.sum())
         self.tallies[2].add_(counts.shape[0])
 
+    def tally_dense(self, blocks: int, requests: int) -> None:
+        """Count one dense-path decode step from host ints (no tensor op)."""
+        self.dense_tallies[0] += blocks
+        self.dense_tallies[1] += requests
+
+    def counts(self) -> tuple[int, int, int]:
+        """Blocks available, blocks read, decode requests (a host read)."""
+        total, selected, requests = (int(v) for v in self.tallies.tolist())
+        blocks, dense_requests = self.dense_tallies
+        return total + blocks, selected + blocks, requests + dense_requests
+
     def reset_stats(self) -> None:
         self.stats = LayerStats()
         self.tallies.zero_()
+        self.dense_tallies = [0, 0]

@@ -31,6 +31,7 @@ the layer's own query chooses at attention
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,6 +72,33 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
     "sparse_min_tokens",
     "swap_mode",
 )
+
+
+@dataclass(frozen=True)
+class KVWrite:
+    """Where one step's new tokens go, the same for every layer of a KV
+    cache group: computed once per step (:func:`plan_kv_write`), used by
+    each layer's :meth:`InfiniGenRuntime.on_kv_write`."""
+
+    tokens: int
+    """Length of the slot mapping (padding included)."""
+    rows: torch.Tensor | None
+    """``[valid]`` int64 tokens with a slot, or None when every token has one."""
+    slots: torch.Tensor
+    """``[valid]`` int64 their slots."""
+    fresh: torch.Tensor
+    """int64 blocks written from their first slot (new to their request)."""
+
+
+def plan_kv_write(slot_mapping: torch.Tensor, block_size: int) -> KVWrite:
+    """The write plan of a slot mapping (``-1``: padding, skipped)."""
+    slots = slot_mapping.long()
+    rows = None
+    if bool((slots < 0).any()):
+        rows = torch.nonzero(slots >= 0).flatten()
+        slots = slots[rows]
+    fresh = torch.div(slots[slots % block_size == 0], block_size, rounding_mode="floor")
+    return KVWrite(slot_mapping.shape[0], rows, slots, fresh)
 
 
 def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionPolicy:
@@ -139,6 +167,7 @@ class InfiniGenRuntime:
         key: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        write: KVWrite | None = None,
     ) -> None:
         """Store the new tokens' partial keys (device tier) and every tracked
         policy's metadata.
@@ -147,20 +176,22 @@ class InfiniGenRuntime:
             key: ``[tokens, num_kv_heads, head_dim]`` post-RoPE keys.
             kv_cache: the layer's host-tier cache.
             slot_mapping: ``[tokens]`` slots (``-1`` for padding).
+            write: the step's :func:`plan_kv_write` of ``slot_mapping``
+                (computed here when not given).
         """
         cache = layer.allocate(kv_cache, key)
-        tokens = slot_mapping.shape[0]
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep]
-        keys = key[:tokens][keep]
-        write_partial_keys(cache, layer.speculator.partial_keys(keys), slots)
+        if write is None or write.tokens != slot_mapping.shape[0]:
+            write = plan_kv_write(slot_mapping, self.block_size)
+        keys = key[: write.tokens]
+        if write.rows is not None:
+            keys = keys[write.rows]
+        write_partial_keys(cache, layer.speculator.partial_keys(keys), write.slots)
         # A block written from its first slot is new to its request: its
         # counters and metadata start again (nothing stale after reuse).
-        fresh = (slots[slots % self.block_size == 0] // self.block_size).long()
         assert layer.counters is not None
-        layer.counters.index_fill_(0, fresh, 0)
+        layer.counters.index_fill_(0, write.fresh, 0)
         for policy in self.policies.values():
-            policy.on_kv_write(layer, keys, slots, fresh)
+            policy.on_kv_write(layer, keys, write.slots, write.fresh)
 
     # ------------------------------------------------------------- selection
     @property
@@ -196,6 +227,7 @@ class InfiniGenRuntime:
         max_seq_len: int,
         total_tokens: int,
         extra_slots: int = 0,
+        total_blocks: int | None = None,
     ) -> None:
         """Choose layer ``layer``'s blocks for the decode requests, one layer
         ahead, and prepare their read.
@@ -209,21 +241,28 @@ class InfiniGenRuntime:
             max_seq_len: ``max(seq_lens)`` (a host int from the metadata).
             total_tokens: ``sum(seq_lens)`` (a host int from the metadata).
             extra_slots: staging room to keep for this step's prefill blocks.
+            total_blocks: the decode requests' blocks (a host int, when the
+                metadata has it: the dense path then counts without tensor
+                ops).
         """
         if layer.partial_cache is None:  # no KV written yet (profiling run)
             return
         if layer.pending is not None:  # an aborted step left it
             self._drop(layer)
+        if self.in_place and self.reads_everything(max_seq_len, total_tokens):
+            # vLLM's dense path reads the host tier as is: only count.
+            if total_blocks is None:
+                n_blocks = num_blocks_of(seq_lens, self.block_size)
+                layer.tally(n_blocks, n_blocks)
+            else:
+                layer.tally_dense(total_blocks, int(seq_lens.shape[0]))
+            layer.stats.steps += 1
+            layer.stats.dense_steps += 1
+            return
         start = time.perf_counter()
         width = blocks_for(max_seq_len, self.block_size)
         table = block_table[:, :width]
         if self.reads_everything(max_seq_len, total_tokens):
-            if self.in_place:  # vLLM's dense path reads the host tier as is
-                n_blocks = num_blocks_of(seq_lens, self.block_size)
-                layer.tally(n_blocks, n_blocks)
-                layer.stats.steps += 1
-                layer.stats.dense_steps += 1
-                return
             selection = selection_from_mask(
                 valid_blocks(seq_lens, self.block_size, width)
             )

@@ -102,6 +102,7 @@ def _make_hook(runtime: InfiniGenRuntime, target: SparseLayer) -> PreHook:
             meta.max_decode_seq_len,
             meta.decode_tokens,
             extra_slots=meta.num_prefill_blocks,
+            total_blocks=meta.decode_blocks,
         )
 
     return hook

@@ -2,8 +2,9 @@
 
 Updated by the runtime on every decode step of every sparse layer, read
 through the worker extension's ``infinigen_stats`` (a ``collective_rpc``
-target) and logged at debug level. Block counts are kept as device tensors
-by each layer (:attr:`~.layer_state.SparseLayer.tallies`) and read here.
+target) and logged at debug level. Block counts are kept by each layer (as
+device tensors, :attr:`~.layer_state.SparseLayer.tallies`, and host ints for
+dense-path steps) and read here.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class LayerStats:
 
 def layer_snapshot(layer: SparseLayer, staging: bool) -> dict[str, Any]:
     """One layer's counters, JSON-ready (reads its tallies: a host sync)."""
-    total, selected, requests = (int(v) for v in layer.tallies.tolist())
+    total, selected, requests = layer.counts()
     out: dict[str, Any] = asdict(layer.stats)
     block_bytes = layer.block_bytes
     out.update(

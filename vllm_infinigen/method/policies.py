@@ -50,7 +50,11 @@ def new_key_bounds(
 
 
 def update_key_bounds(
-    bounds: torch.Tensor, key: torch.Tensor, slots: torch.Tensor, block_size: int
+    bounds: torch.Tensor,
+    key: torch.Tensor,
+    slots: torch.Tensor,
+    block_size: int,
+    fresh: torch.Tensor | None = None,
 ) -> None:
     """Fold new keys into their blocks' bounds, in place.
 
@@ -61,9 +65,12 @@ def update_key_bounds(
         bounds: from :func:`new_key_bounds`.
         key: ``[tokens, num_kv_heads, head_dim]`` post-RoPE keys.
         slots: ``[tokens]`` int valid slots (``block_id * block_size + offset``).
+        fresh: the blocks of ``slots`` written from their first slot, when
+            the caller has them (computed here otherwise).
     """
     blocks = torch.div(slots.long(), block_size, rounding_mode="floor")
-    fresh = blocks[slots % block_size == 0]
+    if fresh is None:
+        fresh = blocks[slots % block_size == 0]
     bounds[:, 0].index_fill_(0, fresh, float("inf"))
     bounds[:, 1].index_fill_(0, fresh, float("-inf"))
     key = key.to(bounds.dtype)

@@ -154,4 +154,7 @@ class LayerSpeculator:
         Returns:
             ``[tokens, num_kv_heads, d_partial]`` in ``keys``' dtype.
         """
-        return torch.einsum("tkd,kdp->tkp", keys, self.key_basis.to(keys.dtype))
+        # One batched matmul per KV head (einsum's planning costs more than
+        # the product for the one or few tokens of a decode step).
+        basis = self.key_basis.to(keys.dtype)
+        return torch.bmm(keys.transpose(0, 1), basis).transpose(0, 1)

@@ -58,7 +58,7 @@ class QuestPolicy(BlockPolicy):
         fresh_blocks: torch.Tensor,
     ) -> None:
         bounds = self._layer_bounds(layer, key)
-        update_key_bounds(bounds, key, slots, self.context.block_size)
+        update_key_bounds(bounds, key, slots, self.context.block_size, fresh_blocks)
 
     def metadata_bytes(self) -> dict[str, int]:
         return {"key_bounds_bytes": tensor_bytes(self.bounds)}
