@@ -39,6 +39,10 @@ GOOD: list[tuple[str, Any]] = [
     ("swap_mode", "thread"),
     ("swap_mode", "sync"),
     ("swap_mode", "in_place"),
+    ("score_rule", "head_max_mass"),
+    ("score_rule", "max"),
+    ("head_reduction", "per_head"),
+    ("head_reduction", "max"),
 ]
 
 BAD: list[tuple[str, Any]] = [
@@ -70,6 +74,8 @@ BAD: list[tuple[str, Any]] = [
     ("policy", "h2o-please"),
     ("calibration_file", ""),
     ("swap_mode", "async"),
+    ("score_rule", "mass"),
+    ("head_reduction", 1),
 ]
 
 

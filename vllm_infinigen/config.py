@@ -28,6 +28,14 @@ ADDITIONAL_CONFIG_KEY = "infinigen"
 #: thread (``thread``, the CPU stand-in for a CUDA side stream).
 SWAP_MODES: tuple[str, ...] = ("in_place", "sync", "thread")
 
+#: How InfiniGen turns the speculated logits of the query heads sharing a KV
+#: head into one block score (``method/scoring.py``'s ``BlockScoreRule``).
+SCORE_RULES: tuple[str, ...] = ("log_mass", "head_max_mass", "max")
+
+#: How the KV heads' block scores become one per block, since every KV head
+#: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
+HEAD_REDUCTIONS: tuple[str, ...] = ("mean", "max", "per_head")
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -114,6 +122,19 @@ class InfiniGenConfig:
     previous layer's compute). The staging modes are the GPU's shape, where
     the kernel cannot read host memory."""
 
+    score_rule: str = "log_mass"
+    """How InfiniGen scores a block from the query heads that share a KV
+    head, one of :data:`SCORE_RULES`: ``log_mass`` (the log of their mean
+    speculated attention mass in the block), ``head_max_mass`` (the largest
+    of their masses: a block one head needs counts fully), ``max`` (the
+    largest speculated logit)."""
+
+    head_reduction: str = "mean"
+    """How the KV heads' block scores become one per block, one of
+    :data:`HEAD_REDUCTIONS`: ``mean`` (mean mass over KV heads), ``max``
+    (the largest), ``per_head`` (each block at its best head's margin below
+    that head's best block)."""
+
     calibration_file: str | None = None
     """Text file used to calibrate the skew matrices and partial channels.
     None: the built-in default text (see ``docs/method.md``)."""
@@ -161,6 +182,15 @@ class InfiniGenConfig:
                 f"infinigen option 'swap_mode' must be one of {list(SWAP_MODES)}, "
                 f"got {self.swap_mode!r}"
             )
+        for name, allowed in (
+            ("score_rule", SCORE_RULES),
+            ("head_reduction", HEAD_REDUCTIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"infinigen option {name!r} must be one of {list(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
         if self.calibration_file is not None and (
             not isinstance(self.calibration_file, str) or not self.calibration_file
         ):

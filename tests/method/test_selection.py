@@ -71,7 +71,13 @@ def test_block_scores_match_reference(case: str, rule: BlockScoreRule) -> None:
     q, cache, table, lens = _ragged_batch(seq_lens, block_size)
     out = block_scores(q, cache, table, lens, scale=0.25, rule=rule)
     expected = ref_block_scores(
-        q, cache, table, lens, scale=0.25, log_mass=rule is BlockScoreRule.LOG_MASS
+        q,
+        cache,
+        table,
+        lens,
+        scale=0.25,
+        log_mass=rule is not BlockScoreRule.MAX,
+        head_max=rule is BlockScoreRule.HEAD_MAX_MASS,
     )
     assert out.shape == expected.shape
     assert torch.equal(torch.isinf(out), torch.isinf(expected))

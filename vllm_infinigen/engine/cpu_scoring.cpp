@@ -5,9 +5,10 @@
 // walks the request's blocks once (fetching the next block ahead, since a
 // block table is scattered), forms the logits of every query head for the
 // block's tokens in a small buffer, and keeps per block and head the block's
-// maximum logit and its sum of exp(logit - maximum). A second, block-sized pass turns those into the log of the
-// block's softmax mass averaged over the group (LOG_MASS) or takes the
-// block's largest logit (MAX).
+// maximum logit and its sum of exp(logit - maximum). A second, block-sized
+// pass turns those into the log of the block's softmax mass averaged over the
+// group's query heads (rule 1, LOG_MASS) or their largest (rule 2,
+// HEAD_MAX_MASS), or takes the block's largest logit (rule 0, MAX).
 //
 // Shapes (all contiguous):
 //   query   [R, H, P] float32, already multiplied by the softmax scale
@@ -78,7 +79,9 @@ template <typename scalar_t>
 void score_requests(const float* query, const scalar_t* cache, const int32_t* table,
                     const int32_t* lens, float* out, int64_t begin, int64_t end,
                     int64_t M, int64_t B, int64_t KV, int64_t P, int64_t G,
-                    bool log_mass) {
+                    int64_t rule) {
+  const bool log_mass = rule != 0;
+  const bool head_max = rule == 2;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t H = KV * G;
   const int64_t block_elems = B * KV * P;
@@ -177,6 +180,12 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
           w[j] = bs[j] * exp_nonpositive(bm[j] - top);
           total += w[j];
         }
+        if (head_max) {
+          const float inv = 1.0f / total;
+#pragma omp simd
+          for (int64_t j = 0; j < blocks; ++j) mass[j] = std::max(mass[j], w[j] * inv);
+          continue;
+        }
         const float inv = 1.0f / (total * static_cast<float>(G));
 #pragma omp simd
         for (int64_t j = 0; j < blocks; ++j) mass[j] += w[j] * inv;
@@ -189,7 +198,7 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
 }  // namespace
 
 torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
-                           torch::Tensor table, torch::Tensor lens, bool log_mass) {
+                           torch::Tensor table, torch::Tensor lens, int64_t rule) {
   TORCH_CHECK(query.is_contiguous() && query.scalar_type() == torch::kFloat32,
               "query must be contiguous float32");
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, "cache must be [N, B, KV, P]");
@@ -211,7 +220,7 @@ torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
         float* o = out.data_ptr<float>();
         at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
           score_requests<scalar_t>(q, c, t, n, o, begin, end, M, B, KV, P, G,
-                                   log_mass);
+                                   rule);
         });
       });
   return out;

@@ -31,6 +31,13 @@ SOURCE = Path(__file__).with_name("cpu_scoring.cpp")
 
 BlockScorer = Callable[..., torch.Tensor]
 
+#: The C++ op's rule argument.
+_RULE_CODES = {
+    BlockScoreRule.MAX: 0,
+    BlockScoreRule.LOG_MASS: 1,
+    BlockScoreRule.HEAD_MAX_MASS: 2,
+}
+
 
 def _cpu_flags() -> str:
     try:
@@ -90,7 +97,7 @@ def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer |
             partial_key_cache.contiguous(),
             table,
             lens,
-            rule is BlockScoreRule.LOG_MASS,
+            _RULE_CODES[rule],
         )
         return result
 

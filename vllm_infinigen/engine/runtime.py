@@ -46,8 +46,10 @@ from vllm_infinigen.engine.policies.registry import POLICIES, make_policy
 from vllm_infinigen.engine.stats import snapshot
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.partial_cache import write_partial_keys
+from vllm_infinigen.method.scoring import BlockScoreRule
 from vllm_infinigen.method.selection import (
     BlockSelection,
+    HeadReduction,
     SelectionPolicy,
     blocks_for,
     num_blocks_of,
@@ -71,6 +73,8 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
     "min_blocks",
     "sparse_min_tokens",
     "swap_mode",
+    "score_rule",
+    "head_reduction",
 )
 
 
@@ -113,6 +117,8 @@ def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionP
         sink_blocks=config.sink_blocks,
         recent_blocks=config.recent_blocks,
         min_blocks=config.min_blocks,
+        head_reduction=HeadReduction(config.head_reduction),
+        score_rule=BlockScoreRule(config.score_rule),
     )
 
 

@@ -21,10 +21,14 @@ class BlockScoreRule(enum.Enum):
     ``LOG_MASS``: the log of the block's estimated attention mass: softmax of
     each query head's partial logits over the request's tokens, summed over
     the block, averaged over the group's query heads. ``<= 0``.
+    ``HEAD_MAX_MASS``: the same per-head masses, but the group's largest
+    instead of their mean: a block one query head needs scores as that
+    head's share, however little the other heads look at it. ``<= 0``.
     """
 
     MAX = "max"
     LOG_MASS = "log_mass"
+    HEAD_MAX_MASS = "head_max_mass"
 
 
 class Workspace:
@@ -84,7 +88,8 @@ def block_scores(
     * ``MAX``: ``score[r, g, j] = max over t in block j, h in group g of
       l[r, h, t]``;
     * ``LOG_MASS``: ``score[r, g, j] = log(mean over h in group g of sum over
-      t in block j of softmax_t(l[r, h, :])[t])``.
+      t in block j of softmax_t(l[r, h, :])[t])``;
+    * ``HEAD_MAX_MASS``: the same with ``max over h`` for ``mean over h``.
 
     Args:
         query_partial: ``[num_reqs, num_heads, d_partial]`` speculated queries
@@ -148,4 +153,6 @@ def block_scores(
     logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
     mass = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size).sum(4)
     mass = mass / mass.sum(dim=-1, keepdim=True)
+    if rule is BlockScoreRule.HEAD_MAX_MASS:
+        return mass.amax(dim=2).log()
     return mass.mean(dim=2).log()
