@@ -43,6 +43,7 @@ GOOD: list[tuple[str, Any]] = [
     ("score_rule", "max"),
     ("head_reduction", "per_head"),
     ("head_reduction", "max"),
+    ("query_source", "real"),
 ]
 
 BAD: list[tuple[str, Any]] = [
@@ -76,6 +77,7 @@ BAD: list[tuple[str, Any]] = [
     ("swap_mode", "async"),
     ("score_rule", "mass"),
     ("head_reduction", 1),
+    ("query_source", "actual"),
 ]
 
 

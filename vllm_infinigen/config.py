@@ -36,6 +36,9 @@ SCORE_RULES: tuple[str, ...] = ("log_mass", "head_max_mass", "max")
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
 HEAD_REDUCTIONS: tuple[str, ...] = ("mean", "max", "per_head")
 
+#: Which query InfiniGen scores the partial keys with.
+QUERY_SOURCES: tuple[str, ...] = ("speculated", "real")
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -135,6 +138,14 @@ class InfiniGenConfig:
     (the largest), ``per_head`` (each block at its best head's margin below
     that head's best block)."""
 
+    query_source: str = "speculated"
+    """Which query InfiniGen scores the partial keys with, one of
+    :data:`QUERY_SOURCES`: ``speculated`` (the paper's: layer ``L``'s query
+    predicted from layer ``L-1``'s input, one layer ahead, so a staging copy
+    can overlap the previous layer), ``real`` (the layer's own query, at
+    its attention: no speculation error, no lead time; in-place reads need
+    none)."""
+
     calibration_file: str | None = None
     """Text file used to calibrate the skew matrices and partial channels.
     None: the built-in default text (see ``docs/method.md``)."""
@@ -185,6 +196,7 @@ class InfiniGenConfig:
         for name, allowed in (
             ("score_rule", SCORE_RULES),
             ("head_reduction", HEAD_REDUCTIONS),
+            ("query_source", QUERY_SOURCES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(

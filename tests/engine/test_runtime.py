@@ -384,3 +384,33 @@ def test_swap_mode_switches_between_requests() -> None:
     world.prepare(1)
     read = runtime.take(world.layer(1))
     assert read is not None and read.handle is None
+
+
+def test_real_query_source_chooses_at_attention_from_the_layers_query() -> None:
+    world = World([61, 100, 7], budget=0.3, min_blocks=2, query_source="real")
+    runtime = world.runtime
+    assert not runtime.ahead and not runtime.needs_input(168)
+    world.prepare(2)  # nothing one layer ahead
+    layer = world.layer(2)
+    assert layer.pending is None
+    # The layer's real query: RoPE of the projection the speculator predicts.
+    spec = layer.speculator
+    positions = (world.seq_lens - 1).long()
+    query = torch.nn.functional.linear(world.x, spec.query_weight, spec.query_bias)
+    query = query.view(3, HEADS, DIM)
+    assert spec.rope is not None
+    query = spec.rope(positions, query)
+    # Its partial channels are what speculation computes from the same input.
+    torch.testing.assert_close(
+        spec.partial_query(query), spec.speculate(world.x, positions)
+    )
+    read = runtime.prepare_at_attention(
+        layer, query, world.table, world.seq_lens, 100, 168
+    )
+    assert read is not None
+    runtime.reconfigure({"query_source": "speculated"})
+    assert runtime.ahead
+    world.prepare(2)
+    ahead = runtime.take(layer)
+    assert ahead is not None  # same query, same blocks
+    assert torch.equal(ahead.plan.host_ids, read.plan.host_ids)

@@ -245,7 +245,7 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
             meta = attn_metadata
             if meta.num_decodes > 0:
                 read = runtime.take(state)
-                if read is None and not runtime.policy.ahead:
+                if read is None and not runtime.ahead:
                     assert meta.decode_block_table is not None
                     assert meta.decode_seq_lens is not None
                     read = runtime.prepare_at_attention(

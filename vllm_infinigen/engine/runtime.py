@@ -75,6 +75,7 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
     "swap_mode",
     "score_rule",
     "head_reduction",
+    "query_source",
 )
 
 
@@ -156,6 +157,14 @@ class InfiniGenRuntime:
             self.copier = None
         if swap_mode != "in_place" and self.copier is None:
             self.copier = BlockCopier(swap_mode)
+
+    @property
+    def ahead(self) -> bool:
+        """The active policy chooses one layer ahead (else at attention)."""
+        policy = self.policy
+        if policy.scores_either_way:
+            return self.config.query_source == "speculated"
+        return policy.ahead
 
     @property
     def in_place(self) -> bool:
@@ -272,7 +281,7 @@ class InfiniGenRuntime:
             selection = selection_from_mask(
                 valid_blocks(seq_lens, self.block_size, width)
             )
-        elif not self.policy.ahead:
+        elif not self.ahead:
             return  # chosen at attention, from the layer's own query
         else:
             assert x is not None
@@ -283,7 +292,7 @@ class InfiniGenRuntime:
     def needs_input(self, total_tokens: int) -> bool:
         """Whether :meth:`prepare_ahead` reads the previous layer's input."""
         return (
-            self.policy.ahead
+            self.ahead
             and not self.policy.reads_everything
             and total_tokens >= self.sparse_min_tokens
         )
@@ -305,7 +314,7 @@ class InfiniGenRuntime:
         takes the dense path, or has no KV yet (profiling run).
         """
         if (
-            self.policy.ahead
+            self.ahead
             or layer.partial_cache is None
             or self.reads_everything(max_seq_len, total_tokens)
         ):

@@ -144,6 +144,21 @@ class LayerSpeculator:
         out = torch.einsum("tkgd,kdp->tkgp", q, self.key_basis.to(q.dtype))
         return out.reshape(tokens, self.num_heads, self.d_partial)
 
+    def partial_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The partial channels of this layer's real (post-RoPE) queries.
+
+        Args:
+            query: ``[tokens, num_heads, head_dim]``.
+
+        Returns:
+            ``[tokens, num_heads, d_partial]`` in ``query``'s dtype.
+        """
+        tokens = query.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        q = query.reshape(tokens, self.num_kv_heads, group, self.head_dim)
+        out = torch.einsum("tkgd,kdp->tkgp", q, self.key_basis.to(query.dtype))
+        return out.reshape(tokens, self.num_heads, self.d_partial)
+
     def partial_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """Partial keys to store in the partial key cache.
 

@@ -75,6 +75,9 @@ class BlockPolicy:
     ahead: ClassVar[bool] = True
     """Scores one layer ahead (:meth:`scores_ahead`); False: at the layer's
     attention (:meth:`scores_at_attention`)."""
+    scores_either_way: ClassVar[bool] = False
+    """Implements both :meth:`scores_ahead` and :meth:`scores_at_attention`
+    (the ``query_source`` option chooses)."""
     uses_alpha: ClassVar[bool] = False
     """The ``alpha`` threshold prunes candidates; False: pure top-k."""
     reads_everything: ClassVar[bool] = False

@@ -4,7 +4,9 @@ One layer ahead, layer ``L-1``'s attention input becomes layer ``L``'s
 speculated partial query (:class:`~vllm_infinigen.method.speculator.
 LayerSpeculator`), scored against ``L``'s partial keys (which the runtime
 writes for every sparse layer, whatever the policy, so the engine can switch
-to InfiniGen while serving). The ``alpha`` threshold applies. Scoring uses
+to InfiniGen while serving). The ``alpha`` threshold applies. With the
+option ``query_source: real`` it scores at the layer's attention from the
+layer's own query instead (no lead time, which in-place reads do not need). Scoring uses
 the platform's fused scorer where it has one (the CPU's, ``engine/
 cpu_scoring.py``), else the torch ops of ``method/scoring.py``.
 """
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 class InfiniGenPolicy(BlockPolicy):
     name = "infinigen"
     uses_alpha = True
+    scores_either_way = True
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
@@ -42,8 +45,31 @@ class InfiniGenPolicy(BlockPolicy):
         seq_lens: torch.Tensor,
         selection: SelectionPolicy,
     ) -> torch.Tensor:
-        assert layer.partial_cache is not None
         query = layer.speculator.speculate(x, (seq_lens - 1).long())
+        return self._score(layer, query, table, seq_lens, selection)
+
+    def scores_at_attention(
+        self,
+        layer: SparseLayer,
+        query: torch.Tensor,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        selection: SelectionPolicy,
+    ) -> torch.Tensor:
+        """The layer's real queries against the partial keys (option
+        ``query_source: real``): no speculation error, but no lead time."""
+        partial = layer.speculator.partial_query(query)
+        return self._score(layer, partial, table, seq_lens, selection)
+
+    def _score(
+        self,
+        layer: SparseLayer,
+        query: torch.Tensor,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        selection: SelectionPolicy,
+    ) -> torch.Tensor:
+        assert layer.partial_cache is not None
         if self.context.block_scorer is not None:
             score: Any = self.context.block_scorer
         else:
