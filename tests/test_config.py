@@ -44,6 +44,8 @@ GOOD: list[tuple[str, Any]] = [
     ("head_reduction", "per_head"),
     ("head_reduction", "max"),
     ("query_source", "real"),
+    ("partial_dtype", "bfloat16"),
+    ("partial_dtype", "float16"),
 ]
 
 BAD: list[tuple[str, Any]] = [
@@ -78,6 +80,7 @@ BAD: list[tuple[str, Any]] = [
     ("score_rule", "mass"),
     ("head_reduction", 1),
     ("query_source", "actual"),
+    ("partial_dtype", "int8"),
 ]
 
 

@@ -36,6 +36,9 @@ SCORE_RULES: tuple[str, ...] = ("log_mass", "head_max_mass", "max")
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
 HEAD_REDUCTIONS: tuple[str, ...] = ("mean", "max", "per_head")
 
+#: Storage type of the device partial-key cache (``auto``: the KV cache's).
+PARTIAL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
 #: Which query InfiniGen scores the partial keys with.
 QUERY_SOURCES: tuple[str, ...] = ("speculated", "real")
 
@@ -138,6 +141,13 @@ class InfiniGenConfig:
     (the largest), ``per_head`` (each block at its best head's margin below
     that head's best block)."""
 
+    partial_dtype: str = "auto"
+    """Storage type of the partial-key cache, one of :data:`PARTIAL_DTYPES`.
+    ``auto`` stores the keys' own type; ``bfloat16`` / ``float16`` halve
+    what speculation reads per step (and the cache's memory) from a float32
+    model, at a rounding far below the partial channels' own approximation.
+    Fixed at start-up."""
+
     query_source: str = "speculated"
     """Which query InfiniGen scores the partial keys with, one of
     :data:`QUERY_SOURCES`: ``speculated`` (the paper's: layer ``L``'s query
@@ -197,6 +207,7 @@ class InfiniGenConfig:
             ("score_rule", SCORE_RULES),
             ("head_reduction", HEAD_REDUCTIONS),
             ("query_source", QUERY_SOURCES),
+            ("partial_dtype", PARTIAL_DTYPES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(

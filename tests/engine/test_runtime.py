@@ -414,3 +414,27 @@ def test_real_query_source_chooses_at_attention_from_the_layers_query() -> None:
     ahead = runtime.take(layer)
     assert ahead is not None  # same query, same blocks
     assert torch.equal(ahead.plan.host_ids, read.plan.host_ids)
+
+
+def test_half_precision_partial_keys_choose_like_full_precision() -> None:
+    full = World([61, 100, 7], budget=0.3, min_blocks=2)
+    half = World([61, 100, 7], budget=0.3, min_blocks=2, partial_dtype="bfloat16")
+    layer = half.layer(2)
+    assert layer.partial_cache is not None
+    assert layer.partial_cache.dtype == torch.bfloat16
+    assert full.layer(2).partial_cache is not None
+    torch.testing.assert_close(
+        layer.partial_cache.float(),
+        full.layer(2).partial_cache,  # type: ignore[arg-type]
+        rtol=1e-2,
+        atol=1e-2,
+    )
+    full.prepare(2)
+    half.prepare(2)
+    a, b = full.runtime.take(full.layer(2)), half.runtime.take(layer)
+    assert a is not None and b is not None
+    # Rounding may swap blocks of nearly equal score; most choices agree.
+    same = (a.plan.host_ids == b.plan.host_ids).float().mean()
+    assert float(same) >= 0.8
+    with pytest.raises(ValueError, match="fixed at start-up"):
+        half.runtime.reconfigure({"partial_dtype": "float32"})

@@ -110,7 +110,7 @@ class SparseLayer:
                 self.block_size,
                 self.num_kv_heads,
                 self.speculator.d_partial,
-                dtype=key.dtype,
+                dtype=self.runtime.partial_dtype(key.dtype),
                 device=key.device,
             )
             self.counters = new_selection_counters(num_blocks, key.device)

@@ -158,6 +158,11 @@ class InfiniGenRuntime:
         if swap_mode != "in_place" and self.copier is None:
             self.copier = BlockCopier(swap_mode)
 
+    def partial_dtype(self, key_dtype: torch.dtype) -> torch.dtype:
+        """Storage type of the partial-key cache for keys of ``key_dtype``."""
+        name = self.config.partial_dtype
+        return key_dtype if name == "auto" else getattr(torch, name)
+
     @property
     def ahead(self) -> bool:
         """The active policy chooses one layer ahead (else at attention)."""

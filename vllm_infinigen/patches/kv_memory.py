@@ -28,14 +28,19 @@ _MARK = "_vllm_infinigen_patched"
 
 
 def device_tier_share(
-    num_layers: int, head_dim: int, partial_dims: list[int], staging: bool = True
+    num_layers: int,
+    head_dim: int,
+    partial_dims: list[int],
+    staging: bool = True,
+    partial_itemsize_ratio: float = 1.0,
 ) -> float:
     """Device-tier bytes per byte of host-tier KV cache.
 
     Per block, the host tier holds keys and values of every attention layer
     (``num_layers * 2 * head_dim`` numbers per token and KV head); the partial
     key cache holds ``d_partial`` numbers per token and KV head for each sparse
-    layer (``partial_dims``), in the same dtype. A staging buffer holds one
+    layer (``partial_dims``), in the same dtype or, with ``partial_dtype``,
+    ``partial_itemsize_ratio`` times its item size. A staging buffer holds one
     layer's blocks of the running requests (their selected blocks, and the
     whole context of prefilling ones), so each of the two is reserved one
     layer's share of the cache: ``2 / num_layers``; the in-place placement
@@ -51,6 +56,7 @@ def device_tier_share(
     if num_layers <= 0 or head_dim <= 0:
         raise ValueError("num_layers and head_dim must be positive")
     partial = sum(partial_dims) / (num_layers * 2 * head_dim)
+    partial *= partial_itemsize_ratio
     buffers = 2 / num_layers if partial_dims and staging else 0.0
     return partial + buffers
 
@@ -84,11 +90,14 @@ def apply() -> bool:
         if runtime is None or not runtime.speculators:
             return size
         first = next(iter(runtime.speculators.values()))
+        kv_dtype = self.model_runner.kv_cache_dtype
+        partial_dtype = runtime.partial_dtype(kv_dtype)
         share = device_tier_share(
             len(runtime.layers),
             first.head_dim,
             [s.d_partial for s in runtime.speculators.values()],
             staging=not runtime.in_place,
+            partial_itemsize_ratio=partial_dtype.itemsize / kv_dtype.itemsize,
         )
         gib = float(1 << 30)
         if explicit:
