@@ -174,6 +174,14 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
         ),
     }
     selection_ms = sum(stages.values())
+    # The same scores from bfloat16 partial keys (option partial_dtype): half
+    # the bytes read.
+    half = [p.to(torch.bfloat16) for p in partial]
+    scores_bf16_ms = _time_ms(
+        lambda i: (fused or block_scores)(query, half[i], table, seq_lens, scale),
+        layers,
+        repeats,
+    )
     torch_scores_ms = _time_ms(
         lambda i: block_scores(
             query, partial[i], table, seq_lens, scale, workspace=space
@@ -203,6 +211,8 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
         **stages,
         "selection_ms": selection_ms,
         "fused_scorer": fused is not None,
+        "scores_bf16_ms": scores_bf16_ms,
+        "partial_mb": sum(p.numel() for p in partial) * 4 / layers / 1e6,
         "scores_torch_ops_ms": torch_scores_ms,
         "selected_fraction": staged.total_blocks / max(blocks * batch, 1),
         "copy_ms": copy_ms,
@@ -252,7 +262,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{context:>6} x{batch}: selection {row['selection_ms']:.2f} ms "
-                f"(scores {row['scores_ms']:.2f}, torch ops "
+                f"(scores {row['scores_ms']:.2f}, bf16 partial keys "
+                f"{row['scores_bf16_ms']:.2f}, torch ops "
                 f"{row['scores_torch_ops_ms']:.2f}); kernel dense "
                 f"{row['kernel_dense_ms']:.2f} ms, selected "
                 f"{row['kernel_selected_ms']:.2f} ms; staging copy "
