@@ -40,7 +40,7 @@ HEAD_REDUCTIONS: tuple[str, ...] = ("mean", "max", "per_head")
 PARTIAL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 #: Which query InfiniGen scores the partial keys with.
-QUERY_SOURCES: tuple[str, ...] = ("speculated", "real")
+QUERY_SOURCES: tuple[str, ...] = ("auto", "speculated", "real")
 
 
 def _is_number(value: object) -> bool:
@@ -148,13 +148,14 @@ class InfiniGenConfig:
     model, at a rounding far below the partial channels' own approximation.
     Fixed at start-up."""
 
-    query_source: str = "speculated"
+    query_source: str = "auto"
     """Which query InfiniGen scores the partial keys with, one of
     :data:`QUERY_SOURCES`: ``speculated`` (the paper's: layer ``L``'s query
-    predicted from layer ``L-1``'s input, one layer ahead, so a staging copy
-    can overlap the previous layer), ``real`` (the layer's own query, at
-    its attention: no speculation error, no lead time; in-place reads need
-    none)."""
+    predicted from layer ``L-1``'s input, one layer ahead, so that a staging
+    copy overlaps the previous layer), ``real`` (the layer's own query, at
+    its attention: no speculation error and no extra query projection, but
+    no lead time), ``auto`` (``real`` when the kernel reads in place, where
+    there is no copy to overlap; ``speculated`` with staging)."""
 
     calibration_file: str | None = None
     """Text file used to calibrate the skew matrices and partial channels.

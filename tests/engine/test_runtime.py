@@ -65,6 +65,9 @@ class World:
             1: LayerInfo(1, "layers.1.attn", 0.5, True, ""),
             2: LayerInfo(2, "layers.2.attn", 0.5, True, ""),
         }
+        # These tests drive InfiniGen one layer ahead (prepare_ahead) unless
+        # they choose the query source themselves.
+        options.setdefault("query_source", "speculated")
         self.context = PolicyContext(block_size=BLOCK, key_reader=_plain_reader)
         self.runtime = InfiniGenRuntime(
             InfiniGenConfig(**options),
@@ -438,3 +441,13 @@ def test_half_precision_partial_keys_choose_like_full_precision() -> None:
     assert float(same) >= 0.8
     with pytest.raises(ValueError, match="fixed at start-up"):
         half.runtime.reconfigure({"partial_dtype": "float32"})
+
+
+def test_auto_query_source_is_real_in_place_and_speculated_with_staging() -> None:
+    world = World([61, 100], budget=0.3, min_blocks=2, query_source="auto")
+    assert world.runtime.in_place and not world.runtime.ahead
+    world.runtime.reconfigure({"swap_mode": "sync"})
+    assert world.runtime.ahead
+    world.runtime.reconfigure({"policy": "quest"})
+    assert not world.runtime.ahead  # Quest always chooses at attention
+    world.runtime.shutdown()

@@ -1,15 +1,17 @@
 """Sparse decode at the default budget: in place equals staging, and
 accuracy against dense vLLM.
 
-One dense engine (vLLM's default CPU backend) and two INFINIGEN engines at
-the default options (the ``in_place`` placement, and the ``sync`` staging
-placement) run the same prompts: pass keys hidden at several depths of ~3K
-tokens of filler, and ~2K-token code-completion prompts from the Python
-standard library's sources, chunked at 256 tokens so that decode and prefill
-rows share batches. Both placements select the same blocks and run the same
-kernel over them, so their tokens must be identical; the INFINIGEN engine
-must find every pass key and stay close to dense greedy output on code,
-while reading a fraction of the KV blocks (its counters say how many).
+One dense engine (vLLM's default CPU backend) and three INFINIGEN engines
+(the default options: the ``in_place`` placement, scoring with each layer's
+own query; the ``sync`` staging placement with the same query; in place
+with the query speculated one layer ahead) run the same prompts: pass keys
+hidden at several depths of ~3K tokens of filler, and ~2K-token
+code-completion prompts from the Python standard library's sources,
+chunked at 256 tokens so that decode and prefill rows share batches. Both
+placements select the same blocks and run the same kernel over them, so
+their tokens must be identical; the INFINIGEN engines must find every pass
+key and stay close to dense greedy output on code, while reading a fraction
+of the KV blocks (their counters say how many).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def runs(
         **select,
         **common,
     )
+    # Staging with the query in-place reads use by default (the layer's own):
+    # the same blocks, so the same tokens.
     staged, _ = run_engine(
         qwen_model_dir,
         "infinigen",
@@ -74,10 +78,28 @@ def runs(
         tmp / "staged.json",
         stats=True,
         swap_mode="sync",
+        query_source="real",
         **select,
         **common,
     )
-    return {"dense": dense, "sparse": sparse, "staged": staged, "log": log}
+    # In place with the paper's speculation one layer ahead.
+    ahead, _ = run_engine(
+        qwen_model_dir,
+        "infinigen",
+        prompts_file,
+        tmp / "ahead.json",
+        stats=True,
+        query_source="speculated",
+        **select,
+        **common,
+    )
+    return {
+        "dense": dense,
+        "sparse": sparse,
+        "staged": staged,
+        "ahead": ahead,
+        "log": log,
+    }
 
 
 def test_in_place_reads_what_staging_copies(runs: dict[str, Any]) -> None:
@@ -94,20 +116,22 @@ def test_prompts_are_long(runs: dict[str, Any]) -> None:
     assert all(c > 1500 for c in counts), counts
 
 
-def test_passkey_found_at_every_depth(runs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("run", ["sparse", "ahead"])
+def test_passkey_found_at_every_depth(runs: dict[str, Any], run: str) -> None:
     for depth, dense_text, text in zip(
-        DEPTHS, runs["dense"]["texts"], runs["sparse"]["texts"], strict=False
+        DEPTHS, runs["dense"]["texts"], runs[run]["texts"], strict=False
     ):
         assert str(PASSKEY) in dense_text, (depth, dense_text)
         assert str(PASSKEY) in text, (depth, text)
 
 
-def test_code_completion_close_to_dense(runs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("run", ["sparse", "ahead"])
+def test_code_completion_close_to_dense(runs: dict[str, Any], run: str) -> None:
     n = len(DEPTHS)
     rates = [
         prefix_agreement(d, s)
         for d, s in zip(
-            runs["dense"]["token_ids"][n:], runs["sparse"]["token_ids"][n:], strict=True
+            runs["dense"]["token_ids"][n:], runs[run]["token_ids"][n:], strict=True
         )
     ]
     assert sum(rates) / len(rates) >= CODE_MATCH_FLOOR, rates
@@ -121,5 +145,7 @@ def test_only_a_fraction_of_blocks_moved(runs: dict[str, Any]) -> None:
     assert total["kv_bytes_read"] > 0
     assert "selected blocks read in place" in runs["log"]
     assert "INFINIGEN fused CPU block scoring ready" in runs["log"]
-    # Every read prepared one layer ahead was consumed by its layer.
+    # Every read prepared (one layer ahead, or at attention) was consumed.
     assert runs["sparse"]["stats"]["pending_reads"] == 0
+    assert runs["ahead"]["stats"]["pending_reads"] == 0
+    assert runs["ahead"]["stats"]["total"]["blocks_selected"] > 0

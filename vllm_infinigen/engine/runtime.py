@@ -167,9 +167,12 @@ class InfiniGenRuntime:
     def ahead(self) -> bool:
         """The active policy chooses one layer ahead (else at attention)."""
         policy = self.policy
-        if policy.scores_either_way:
-            return self.config.query_source == "speculated"
-        return policy.ahead
+        if not policy.scores_either_way:
+            return policy.ahead
+        source = self.config.query_source
+        if source == "auto":  # lead time only pays where a copy can use it
+            return not self.in_place
+        return source == "speculated"
 
     @property
     def in_place(self) -> bool:
