@@ -134,7 +134,7 @@ def test_kv_write_stores_partial_keys_at_their_slots() -> None:
         for r, key in enumerate(world.keys[index]):
             want = layer.speculator.partial_keys(key)
             got = flat[world.slots(r, 0, key.shape[0])]
-            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
 
 
 def test_full_budget_in_place_takes_the_dense_path() -> None:
@@ -420,8 +420,8 @@ def test_real_query_source_chooses_at_attention_from_the_layers_query() -> None:
 
 
 def test_half_precision_partial_keys_choose_like_full_precision() -> None:
-    full = World([61, 100, 7], budget=0.3, min_blocks=2)
-    half = World([61, 100, 7], budget=0.3, min_blocks=2, partial_dtype="bfloat16")
+    full = World([61, 100, 7], budget=0.3, min_blocks=2, partial_dtype="float32")
+    half = World([61, 100, 7], budget=0.3, min_blocks=2)  # auto: bfloat16
     layer = half.layer(2)
     assert layer.partial_cache is not None
     assert layer.partial_cache.dtype == torch.bfloat16

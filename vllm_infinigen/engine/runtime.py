@@ -161,7 +161,11 @@ class InfiniGenRuntime:
     def partial_dtype(self, key_dtype: torch.dtype) -> torch.dtype:
         """Storage type of the partial-key cache for keys of ``key_dtype``."""
         name = self.config.partial_dtype
-        return key_dtype if name == "auto" else getattr(torch, name)
+        if name != "auto":
+            return getattr(torch, name)  # type: ignore[no-any-return]
+        # Scores need no more than half precision: a float32 model's partial
+        # keys are stored as bfloat16 (half the bytes speculation reads).
+        return torch.bfloat16 if key_dtype.itemsize > 2 else key_dtype
 
     @property
     def ahead(self) -> bool:
