@@ -1316,6 +1316,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--agree-prompts", type=int, help="code-completion prompts (2 | 3)")
     add("--agree-prompt-tokens", type=int, help="their tokens (1536 | 2048)")
     add("--agree-tokens", type=int, help="greedy tokens compared (24 | 32)")
+    add(
+        "--variants",
+        nargs="*",
+        default=[],
+        metavar="NAME=JSON",
+        help="extra InfiniGen series with run-time options, e.g. "
+        """'headmax={"score_rule": "head_max_mass"}' (measured at every budget)""",
+    )
     add("--seed", type=int, default=0, help="of the keys and records")
     add(
         "--out",
@@ -1354,6 +1362,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown tasks {sorted(set(args.tasks) - set(TASKS))}")
     if args.instances < 1 or args.questions < 1:
         parser.error("--instances and --questions must be >= 1")
+    args.variant_options = {}
+    for text in args.variants:
+        name, _, options = text.partition("=")
+        try:
+            parsed = json.loads(options)
+        except json.JSONDecodeError as error:
+            parser.error(f"--variants {text!r}: {error}")
+        if not name or not isinstance(parsed, dict) or "policy" in parsed:
+            parser.error(f"--variants {text!r}: NAME={{options but policy}}")
+        args.variant_options[f"infinigen+{name}"] = parsed
     from vllm_infinigen.models import DEFAULT_MODEL, MODEL_NAMES
 
     args.model_name = args.model or DEFAULT_MODEL
@@ -1399,6 +1417,11 @@ def main() -> None:
     requests = build_requests(enc, args)
     configs: list[dict[str, Any]] = [{"policy": "dense", "budget": 1.0}]
     configs += [{"policy": p, "budget": b} for p in args.policies for b in args.budgets]
+    configs += [
+        {"policy": name, "budget": b, "engine": {"policy": "infinigen", **options}}
+        for name, options in args.variant_options.items()
+        for b in args.budgets
+    ]
     shapes = Shapes.of(folder, args.dtype)
     plan = make_plan(requests, len(configs), shapes)
     log(f"{args.model_name}: {describe(plan, requests)}")
@@ -1445,8 +1468,20 @@ def main() -> None:
     tracked = llm.collective_rpc("infinigen_track", args=(list(args.policies),))
     log(f"engine ready; tracking {tracked[0]}")
 
+    # Options a variant changes go back to their defaults for the others.
+    from vllm_infinigen.config import InfiniGenConfig
+
+    start_options = InfiniGenConfig().to_dict()
+    varied = {k for o in args.variant_options.values() for k in o}
+
     def configure(config: dict[str, Any]) -> dict[str, Any]:
-        wanted = {**config, "min_blocks": args.min_blocks}
+        engine = config.get("engine", {"policy": config["policy"]})
+        wanted = {
+            **{k: start_options[k] for k in varied},
+            **engine,
+            "budget": config["budget"],
+            "min_blocks": args.min_blocks,
+        }
         return dict(llm.collective_rpc("infinigen_configure", args=(wanted,))[0])
 
     configure(configs[0])
