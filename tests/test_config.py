@@ -46,6 +46,7 @@ GOOD: list[tuple[str, Any]] = [
     ("query_source", "real"),
     ("partial_dtype", "bfloat16"),
     ("partial_dtype", "float16"),
+    ("adaptive_budget", True),
 ]
 
 BAD: list[tuple[str, Any]] = [
@@ -81,6 +82,7 @@ BAD: list[tuple[str, Any]] = [
     ("head_reduction", 1),
     ("query_source", "actual"),
     ("partial_dtype", "int8"),
+    ("adaptive_budget", "yes"),
 ]
 
 

@@ -141,6 +141,13 @@ class InfiniGenConfig:
     (the largest), ``per_head`` (each block at its best head's margin below
     that head's best block)."""
 
+    adaptive_budget: bool = False
+    """Share the budget among sparse layers by need instead of evenly: each
+    step, layers whose selected blocks held less of their estimated
+    attention mass (a running average) get more blocks, the others fewer
+    (0.5x to 2x the even share), the same total per request. InfiniGen's
+    mass scores only; other policies and rules keep the even share."""
+
     partial_dtype: str = "auto"
     """Storage type of the partial-key cache, one of :data:`PARTIAL_DTYPES`.
     ``auto``: ``bfloat16`` for float32 keys, else the keys' own type. Half
@@ -216,6 +223,11 @@ class InfiniGenConfig:
                     f"infinigen option {name!r} must be one of {list(allowed)}, "
                     f"got {getattr(self, name)!r}"
                 )
+        if not isinstance(self.adaptive_budget, bool):
+            raise ValueError(
+                "infinigen option 'adaptive_budget' must be true or false, "
+                f"got {self.adaptive_budget!r}"
+            )
         if self.calibration_file is not None and (
             not isinstance(self.calibration_file, str) or not self.calibration_file
         ):

@@ -25,6 +25,8 @@ from vllm_infinigen.method.selection import (
     num_blocks_of,
     select_blocks,
     selected_block_ids,
+    selected_mass_share,
+    selection_from_mask,
 )
 
 #: The reference twin of the selection has no per-request floor: these
@@ -342,3 +344,15 @@ def test_write_partial_keys_places_tokens_at_their_slots() -> None:
     torch.testing.assert_close(cache[2, 4], keys[3])
     torch.testing.assert_close(cache[1, 0], keys[4])
     assert int((cache != 0).any(dim=(2, 3)).sum()) == 5
+
+
+def test_selected_mass_share_sums_the_chosen_blocks_mass() -> None:
+    # One request, 4 blocks of 16 tokens, one KV head: masses .1 .2 .3 .4.
+    scores = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]]).log()
+    seq_lens = torch.tensor([64])
+    chosen = selection_from_mask(torch.tensor([[False, True, False, True]]))
+    share = selected_mass_share(scores, chosen, seq_lens, 16)
+    assert abs(float(share) - 0.6) < 1e-6
+    # A block past the request's end holds nothing.
+    share = selected_mass_share(scores, chosen, torch.tensor([40]), 16)
+    assert abs(float(share) - 0.2 / 0.6) < 1e-6

@@ -54,6 +54,7 @@ from vllm_infinigen.method.selection import (
     blocks_for,
     num_blocks_of,
     select_blocks,
+    selected_mass_share,
     selection_from_mask,
     valid_blocks,
 )
@@ -76,7 +77,13 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
     "score_rule",
     "head_reduction",
     "query_source",
+    "adaptive_budget",
 )
+
+#: Weight of a step in a layer's running mass deficit (adaptive budget).
+DEFICIT_EMA = 0.2
+#: Bounds of a layer's multiple of the even budget share.
+SCALE_RANGE = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -298,7 +305,7 @@ class InfiniGenRuntime:
         else:
             assert x is not None
             scores = self.policy.scores_ahead(layer, x, table, seq_lens, self.selection)
-            selection = select_blocks(scores, seq_lens, self.block_size, self.selection)
+            selection = self._select(layer, scores, seq_lens)
         self._prepare(layer, selection, table, seq_lens, extra_slots, start)
 
     def needs_input(self, total_tokens: int) -> bool:
@@ -337,9 +344,50 @@ class InfiniGenRuntime:
         scores = self.policy.scores_at_attention(
             layer, query, table, seq_lens, self.selection
         )
-        selection = select_blocks(scores, seq_lens, self.block_size, self.selection)
+        selection = self._select(layer, scores, seq_lens)
         self._prepare(layer, selection, table, seq_lens, extra_slots, start)
         return self.take(layer)
+
+    @property
+    def adaptive(self) -> bool:
+        """The adaptive per-layer budget is on and applies to the policy."""
+        return (
+            self.config.adaptive_budget
+            and self.policy.scores_log_mass
+            and self.selection.score_rule is not BlockScoreRule.MAX
+        )
+
+    def _select(
+        self, layer: SparseLayer, scores: torch.Tensor, seq_lens: torch.Tensor
+    ) -> BlockSelection:
+        """Choose from scores: with the adaptive budget, at the layer's share
+        (rebalanced when a step's first sparse layer chooses), and fold the
+        mass the choice missed into the layer's running deficit."""
+        if not self.adaptive:
+            return select_blocks(scores, seq_lens, self.block_size, self.selection)
+        if layer is next(iter(self.sparse.values())):
+            self._rebalance()
+        selection = select_blocks(
+            scores, seq_lens, self.block_size, self.selection, layer.budget_scale
+        )
+        share = selected_mass_share(scores, selection, seq_lens, self.block_size)
+        layer.mass_deficit.mul_(1.0 - DEFICIT_EMA).add_(DEFICIT_EMA * (1.0 - share))
+        return selection
+
+    def _rebalance(self) -> None:
+        """Layers' budget multiples in proportion to their mass deficits,
+        bounded by :data:`SCALE_RANGE`, averaging 1 (the same total)."""
+        layers = list(self.sparse.values())
+        deficit = torch.stack([layer.mass_deficit for layer in layers]).clamp(min=1e-4)
+        scale = (deficit / deficit.mean()).clamp(*SCALE_RANGE)
+        scale = scale / scale.mean()
+        for i, layer in enumerate(layers):
+            layer.budget_scale.copy_(scale[i])
+
+    def _reset_budget_shares(self) -> None:
+        for layer in self.sparse.values():
+            layer.budget_scale.fill_(1.0)
+            layer.mass_deficit.fill_(1.0)
 
     def _prepare(
         self,
@@ -445,6 +493,7 @@ class InfiniGenRuntime:
         self.selection = selection_policy(config, self.policy)
         for policy in self.policies.values():
             policy.start_run()
+        self._reset_budget_shares()
         return config.to_dict()
 
     # ----------------------------------------------------------------- stats

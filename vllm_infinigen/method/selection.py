@@ -165,12 +165,21 @@ def valid_blocks(
     return logical < num_blocks_of(seq_lens, block_size)[:, None]
 
 
-def budget_blocks(n_blocks: torch.Tensor, policy: SelectionPolicy) -> torch.Tensor:
+def budget_blocks(
+    n_blocks: torch.Tensor,
+    policy: SelectionPolicy,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Block budget ``b_r`` of each request (module docstring, step 4).
 
     ``n_blocks``: int tensor of blocks per request (any shape); same shape out.
+    ``scale``: optional scalar tensor multiplying ``budget_fraction`` (a
+    layer's share under the adaptive per-layer budget).
     """
-    budget = torch.ceil(n_blocks.double() * policy.budget_fraction - _BUDGET_SLACK)
+    fraction: float | torch.Tensor = policy.budget_fraction
+    if scale is not None:
+        fraction = (scale.double() * policy.budget_fraction).clamp(max=1.0)
+    budget = torch.ceil(n_blocks.double() * fraction - _BUDGET_SLACK)
     budget = torch.maximum(
         budget.long(), n_blocks.long().clamp(max=policy.effective_min_blocks)
     )
@@ -226,6 +235,7 @@ def select_blocks(
     seq_lens: torch.Tensor,
     block_size: int,
     policy: SelectionPolicy,
+    budget_scale: torch.Tensor | None = None,
 ) -> BlockSelection:
     """Choose the blocks each request reads for one layer (module docstring).
 
@@ -234,6 +244,8 @@ def select_blocks(
         seq_lens: ``[num_reqs]`` int tokens per request (``>= 1``).
         block_size: tokens per block.
         policy: the selection parameters.
+        budget_scale: optional scalar tensor scaling the budget fraction for
+            this layer (:func:`budget_blocks`).
 
     Returns:
         A :class:`BlockSelection` of width ``policy.output_width(max_blocks)``.
@@ -258,7 +270,7 @@ def select_blocks(
     margin = block_margins(scores, valid, policy.head_reduction)
     candidate = valid & ~forced & (margin >= -policy.alpha)
 
-    budget = budget_blocks(n_blocks, policy)
+    budget = budget_blocks(n_blocks, policy, budget_scale)
     room = (budget - forced.sum(dim=1, keepdim=True)).clamp(min=0)
     n_take = torch.minimum(room, candidate.sum(dim=1, keepdim=True))
 
@@ -307,3 +319,28 @@ def selected_block_ids(
     idx = selection.indices
     ids = torch.gather(block_table, 1, idx.clamp(min=0).to(torch.long))
     return torch.where(idx >= 0, ids, torch.full_like(ids, PAD))
+
+
+def selected_mass_share(
+    scores: torch.Tensor,
+    selection: BlockSelection,
+    seq_lens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """The share of the estimated attention mass the selection holds.
+
+    ``scores`` are log masses (:attr:`~.scoring.BlockScoreRule.LOG_MASS` or
+    ``HEAD_MAX_MASS``); each KV head's masses are normalised over the
+    request's blocks, and the selected share is averaged over KV heads and
+    requests. Returns a 0-dim float32 tensor (no host sync).
+    """
+    num_reqs, _, max_blocks = scores.shape
+    if num_reqs == 0 or max_blocks == 0:
+        return torch.ones((), device=scores.device)
+    valid = valid_blocks(seq_lens, block_size, max_blocks)
+    mass = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), -1)
+    chosen = torch.zeros(num_reqs, max_blocks + 1, dtype=mass.dtype, device=mass.device)
+    index = selection.indices.clamp(min=-1) % (max_blocks + 1)  # PAD -> last column
+    chosen.scatter_(1, index, 1.0)
+    share = (mass * chosen[:, None, :max_blocks]).sum(-1)
+    return share.mean()
