@@ -18,8 +18,11 @@ shared prefix would let dense attention read the same few megabytes per
 layer from the CPU cache for every request and hide the cost sparse decode
 removes.
 
-How one context length runs: both engines start together, each bound to
-its own core (``VLLM_CPU_OMP_THREADS_BIND``), and prefill their prompts at
+How one context length runs: both engines start together, each worker bound
+to its own core (``VLLM_CPU_OMP_THREADS_BIND``) and each EngineCore process,
+which polls for its worker's results at full speed, to the other engine's
+core (left free, it lands now and then on its own worker's core and halves
+that round's speed), and prefill their prompts at
 the same time (a cold 8K prompt takes a minute or two here, 16K about 13
 minutes). The engines then take orders one at a time, so that exactly one
 decodes while the other waits: every timed round measures the baseline and
@@ -285,6 +288,28 @@ class Engine:
             cwd=REPO,
         )
 
+    def pin_scheduler(self, core: int) -> list[int]:
+        """Bind this engine's EngineCore process (every thread) to ``core``.
+
+        vLLM's EngineCore polls for its worker's results while the worker
+        computes, using a whole core. Left to the OS it sometimes lands on
+        its own worker's core and halves that worker's speed, at random
+        from one round to the next (rounds that differed 2x); bound to the
+        other core it only ever shares it with the other engine, which
+        waits while this one decodes. Returns the pinned pids."""
+        pinned = []
+        for pid in _descendants(self.proc.pid):
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                if not name.startswith("VLLM::EngineCor"):
+                    continue
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    os.sched_setaffinity(int(task.name), {core})
+                pinned.append(pid)
+            except (OSError, ValueError):
+                continue
+        return pinned
+
     def read(self, kind: str) -> dict[str, Any]:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -316,6 +341,26 @@ class Engine:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
         self.log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def both(engines: list[Engine], kind: str, **order: Any) -> list[dict[str, Any]]:
@@ -364,6 +409,9 @@ def run_context(
     try:
         ready = both([base, ours], "ready")
         say(f"engines ready ({ready[0]['seconds']:.0f} s, {ready[1]['seconds']:.0f} s)")
+        if (os.cpu_count() or 1) > 1:
+            pinned = [base.pin_scheduler(1), ours.pin_scheduler(0)]
+            say(f"EngineCore processes {pinned} bound to the other engine's core")
         prefilled = both([base, ours], "prefilled", cmd="prefill")
         say(
             f"prefilled {args.max_batch_of[context]} prompts "
