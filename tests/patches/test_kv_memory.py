@@ -35,3 +35,11 @@ def test_host_and_device_tiers_fit_the_automatic_size() -> None:
 def test_bad_shapes_rejected() -> None:
     with pytest.raises(ValueError, match="num_layers"):
         device_tier_share(0, 64, [])
+
+
+def test_half_precision_partial_keys_need_half_the_room() -> None:
+    full = device_tier_share(24, 64, [20] * 23, staging=False)
+    half = device_tier_share(
+        24, 64, [20] * 23, staging=False, partial_itemsize_ratio=0.5
+    )
+    assert half == pytest.approx(full / 2)
