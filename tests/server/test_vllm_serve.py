@@ -70,8 +70,9 @@ def test_automatic_kv_size_leaves_room_for_device_tier(server: Server) -> None:
     assert match, server.log()[-3000:]
     host, automatic = float(match.group(1)), float(match.group(2))
     # 23 sparse layers of 24, 20 of 64 channels: partial keys 15% of the
-    # host tier; in place there are no staging buffers.
-    assert 0.85 * automatic < host < 0.9 * automatic
+    # host tier's values, stored in bfloat16 for this float32 model (7.5% of
+    # its bytes); in place there are no staging buffers: host = auto / 1.075.
+    assert 0.92 * automatic < host < 0.94 * automatic
 
 
 def test_models_endpoint(server: Server) -> None:
