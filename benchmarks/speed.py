@@ -158,6 +158,8 @@ def run_child(args: argparse.Namespace) -> None:
         }
         kwargs["attention_backend"] = "INFINIGEN"
         kwargs["additional_config"] = {"infinigen": initial}
+    elif args.baseline_block_size:
+        kwargs["block_size"] = args.baseline_block_size
     start = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -270,6 +272,8 @@ class Engine:
             args.options,
             "--dtype",
             args.dtype,
+            "--baseline-block-size",
+            str(args.baseline_block_size or 0),
         ]
         env = dict(os.environ)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kvcache_gib)
@@ -772,6 +776,13 @@ def main() -> None:
     )
     parser.add_argument("--options", default="{}", help="JSON infinigen options")
     parser.add_argument("--dtype", default="float32", help="float32 on AVX2 CPUs")
+    parser.add_argument(
+        "--baseline-block-size",
+        type=int,
+        default=0,
+        help="KV block size of the baseline engine (0: vLLM's default, 128 on "
+        "CPU; INFINIGEN uses 32 unless --options says otherwise)",
+    )
     parser.add_argument(
         "--kvcache-gib", type=int, default=3, help="VLLM_CPU_KVCACHE_SPACE (GiB)"
     )
