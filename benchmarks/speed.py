@@ -25,9 +25,11 @@ core (left free, it lands now and then on its own worker's core and halves
 that round's speed), and prefill their prompts at
 the same time (a cold 8K prompt takes a minute or two here, 16K about 13
 minutes). The engines then take orders one at a time, so that exactly one
-decodes while the other waits: every timed round measures the baseline and
-then each policy, and rounds repeat (``--repeats``; the median is kept), so
-the machine's drift falls on all of them alike. Every timed request decodes
+decodes while the other waits, stopped (SIGSTOP: a waiting EngineCore that
+kept polling took half of the timed worker's core in some rounds): every
+timed round measures the baseline and then each policy, and rounds repeat
+(``--repeats``; the median is kept), so the machine's drift falls on all of
+them alike. Every timed request decodes
 from the prefix cache (it does not prefill).
 
 Measured, per shape and policy:
@@ -59,6 +61,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -314,6 +317,17 @@ class Engine:
                 continue
         return pinned
 
+    def hold(self, stop: bool) -> None:
+        """Stop (SIGSTOP) or continue (SIGCONT) this engine's processes: a
+        waiting engine's EngineCore may keep polling and take a core from
+        the engine being timed."""
+        sig = signal.SIGSTOP if stop else signal.SIGCONT
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                continue
+
     def read(self, kind: str) -> dict[str, Any]:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -426,13 +440,17 @@ def run_context(
             rounds: dict[str, list[dict[str, Any]]] = {BASELINE: []}
             rounds.update({p: [] for p in args.policies})
             for _ in range(args.repeats):
+                ours.hold(True)  # the waiting engine takes no core
                 rounds[BASELINE].append(
                     base.ask("measured", cmd="measure", batch=batch)
                 )
+                ours.hold(False)
+                base.hold(True)
                 for policy in args.policies:
                     rounds[policy].append(
                         ours.ask("measured", cmd="measure", batch=batch, policy=policy)
                     )
+                base.hold(False)
                 say(
                     f"x{batch}: "
                     + ", ".join(
@@ -441,10 +459,12 @@ def run_context(
                     )
                     + " tok/s"
                 )
+            ours.hold(True)
             short = [
                 base.ask("measured", cmd="short", batch=batch)
                 for _ in range(args.repeats)
             ]
+            ours.hold(False)
             shapes.append(
                 {
                     "context": context,
