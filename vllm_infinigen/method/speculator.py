@@ -139,10 +139,7 @@ class LayerSpeculator:
             q = self.q_norm(q)
         if self.rope is not None:
             q = self.rope(positions, q)
-        group = self.num_heads // self.num_kv_heads
-        q = q.view(tokens, self.num_kv_heads, group, self.head_dim)
-        out = torch.einsum("tkgd,kdp->tkgp", q, self.key_basis.to(q.dtype))
-        return out.reshape(tokens, self.num_heads, self.d_partial)
+        return self.partial_query(q)
 
     def partial_query(self, query: torch.Tensor) -> torch.Tensor:
         """The partial channels of this layer's real (post-RoPE) queries.
