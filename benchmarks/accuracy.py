@@ -31,9 +31,10 @@ read through the same path: the exact reference), one run measures:
     colour; correct when the answer copies that code exactly (another
     colour's code counts as wrong, and is recorded);
   - ``distractor``: hundreds of near-identical records (``record 3417:
-    id=7f3a-91c2-b8e0``; every id shares its first group, and each differs
-    from the previous record's in one or two digits) fill the context; the
-    question names a record; correct when the answer copies its id exactly.
+    id=7f3a-91c2-b8e0``; distinct four-digit record numbers in random order,
+    every id shares its first group, and each differs from the previous
+    record's in ``ID_CHANGES`` digits) fill the context; the question names
+    a record; correct when the answer copies its id exactly.
 
   ``--instances`` per task and length; multikey and distractor ask
   ``--questions`` questions of each context (the contexts are prefilled
@@ -191,7 +192,7 @@ DISTRACTOR_QUESTION = "\nCopy the id of record {number} exactly.\nrecord {number
 #: Hexadecimal digits of an id after its shared first group, and how many of
 #: them change from one record to the next.
 ID_DIGITS = "0123456789abcdef"
-ID_CHANGES = (1, 2)
+ID_CHANGES = (3, 4)
 
 #: Greedy tokens after an exact-copy answer, so that a longer (wrong) copy
 #: shows; a copy is the leading run of these characters of the answer.
@@ -558,17 +559,18 @@ def _next_id(rng: random.Random, previous: str) -> str:
 
 
 def distractor_records(rng: random.Random, count: int) -> list[tuple[str, str]]:
-    """``count`` (number, id) records: consecutive four-digit numbers from a
-    random one; distinct ids of one shared first group, each a step of
-    :func:`_next_id` from the one before."""
-    first = rng.randrange(1000, 9999 - count)
+    """``count`` (number, id) records: distinct four-digit numbers in random
+    order (consecutive ones made a record's number itself a near-identical
+    distractor, and dense attention found none at 2K); distinct ids of one
+    shared first group, each a step of :func:`_next_id` from the one before."""
+    numbers = rng.sample(range(1000, 10_000), count)
     ident = "-".join("".join(rng.choices(ID_DIGITS, k=4)) for _ in range(3))
     records, seen = [], set()
     for n in range(count):
         while ident in seen:
             ident = _next_id(rng, ident)
         seen.add(ident)
-        records.append((f"{first + n:04d}", ident))
+        records.append((f"{numbers[n]:04d}", ident))
         ident = _next_id(rng, ident)
     return records
 
@@ -1324,6 +1326,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra InfiniGen series with run-time options, e.g. "
         """'headmax={"score_rule": "head_max_mass"}' (measured at every budget)""",
     )
+    add(
+        "--engine-options",
+        default="{}",
+        metavar="JSON",
+        help="INFINIGEN options fixed at start-up for the whole run (e.g. "
+        """'{"partial_ratio": 0.5}'; the dense row stays exact)""",
+    )
     add("--seed", type=int, default=0, help="of the keys and records")
     add(
         "--out",
@@ -1362,6 +1371,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown tasks {sorted(set(args.tasks) - set(TASKS))}")
     if args.instances < 1 or args.questions < 1:
         parser.error("--instances and --questions must be >= 1")
+    try:
+        args.engine_options = json.loads(args.engine_options)
+    except json.JSONDecodeError as error:
+        parser.error(f"--engine-options: {error}")
+    if not isinstance(args.engine_options, dict) or "policy" in args.engine_options:
+        parser.error("--engine-options: a JSON object of options but policy")
     args.variant_options = {}
     for text in args.variants:
         name, _, options = text.partition("=")
@@ -1448,6 +1463,7 @@ def main() -> None:
     # Selection at every length (sparse_min_tokens 0): accuracy measures the
     # selection, also where the engine would read short steps whole.
     options = {
+        **args.engine_options,
         "policy": "infinigen",
         "min_blocks": args.min_blocks,
         "sparse_min_tokens": 0,
@@ -1468,10 +1484,10 @@ def main() -> None:
     tracked = llm.collective_rpc("infinigen_track", args=(list(args.policies),))
     log(f"engine ready; tracking {tracked[0]}")
 
-    # Options a variant changes go back to their defaults for the others.
+    # Options a variant changes go back to their start-up values for the others.
     from vllm_infinigen.config import InfiniGenConfig
 
-    start_options = InfiniGenConfig().to_dict()
+    start_options = InfiniGenConfig.from_dict(args.engine_options).to_dict()
     varied = {k for o in args.variant_options.values() for k in o}
 
     def configure(config: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,14 @@ size. Writes ``benchmarks/results/recall.json`` and ``recall.png`` (``--quick``:
 
     python benchmarks/recall.py            # full grid (2-7 min on 2 cores)
     python benchmarks/recall.py --quick    # headline settings (~2 min)
+    python benchmarks/recall.py --study selection [--model gemma3-270m]
+
+``--study selection`` (``recall_selection[_MODEL].json``, no plot) compares
+the selection variants of ``docs/method.md`` at 10/20/30% with the engine's
+in-place default, the layer's real query: score rule and head reduction,
+the recent window, the partial channels' criterion and ratio, and the
+speculated query. On a model with sliding-window layers only its
+full-attention layers (the sparse ones) are reported.
 
 Every decode request is one of the last ``--positions`` tokens of the
 evaluation text, scored through the paged path (permuted block table) as the
@@ -75,6 +83,7 @@ class Setting:
     block_size: int
     policy: SelectionPolicy
     group: str
+    real_query: bool = False
 
 
 def model_dir(name: str) -> Path:
@@ -169,6 +178,47 @@ def grid(quick: bool) -> list[Setting]:
     return settings
 
 
+def selection_study() -> list[Setting]:
+    """Issue-11 variants, each against the default at the same budget."""
+    main = Variant(0.3, True)
+    settings = []
+    for budget in (0.1, 0.2, 0.3):
+        default = replace(SelectionPolicy(), budget_fraction=budget)
+        changes: list[tuple[str, Variant, SelectionPolicy, bool]] = [
+            ("default", main, default, True),
+            ("speculated", main, default, False),
+            (
+                "head_max_mass",
+                main,
+                replace(default, score_rule=BlockScoreRule.HEAD_MAX_MASS),
+                True,
+            ),
+            (
+                "per_head",
+                main,
+                replace(default, head_reduction=HeadReduction.PER_HEAD),
+                True,
+            ),
+            (
+                "head_max",
+                main,
+                replace(default, head_reduction=HeadReduction.MAX),
+                True,
+            ),
+            ("recent_share", main, replace(default, recent_share=0.25), True),
+            (
+                "query_key",
+                Variant(0.3, True, ChannelCriterion.QUERY_KEY),
+                default,
+                True,
+            ),
+            ("ratio_0.5", Variant(0.5, True), default, True),
+        ]
+        for group, variant, pol, real in changes:
+            settings.append(Setting(variant, 32, pol, group, real))
+    return settings
+
+
 def summarise(per_layer: dict[int, LayerRecall]) -> dict[str, Any]:
     layers = sorted(per_layer)
     out: dict[str, Any] = {"layers": layers}
@@ -187,9 +237,41 @@ def policy_dict(policy: SelectionPolicy) -> dict[str, Any]:
         "max_blocks": policy.max_blocks,
         "sink_blocks": policy.sink_blocks,
         "recent_blocks": policy.recent_blocks,
+        "recent_share": policy.recent_share,
         "head_reduction": policy.head_reduction.value,
         "score_rule": policy.score_rule.value,
     }
+
+
+def selection_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: mean / worst-layer recall of each variant per budget."""
+    budgets = sorted({r["policy"]["budget_fraction"] for r in results})
+    groups = list(dict.fromkeys(r["group"] for r in results))
+    head = "| variant | " + " | ".join(f"{b:.0%}: mean / worst layer" for b in budgets)
+    lines = [head + " |", "|---" * (len(budgets) + 1) + "|"]
+    for group in groups:
+        cells = []
+        for b in budgets:
+            (r,) = [
+                x
+                for x in results
+                if x["group"] == group and x["policy"]["budget_fraction"] == b
+            ]
+            s = r["summary"]
+            cells.append(f"{s['mean_method']:.3f} / {s['min_method']:.3f}")
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    oracle = [
+        next(
+            x["summary"]["mean_oracle"]
+            for x in results
+            if x["group"] == "default" and x["policy"]["budget_fraction"] == b
+        )
+        for b in budgets
+    ]
+    lines.append(
+        "| (oracle, same size) | " + " | ".join(f"{o:.3f}" for o in oracle) + " |"
+    )
+    return "\n".join(lines)
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -247,6 +329,12 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=None)
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--study",
+        choices=["grid", "selection"],
+        default="grid",
+        help="grid: calibration and rule grid; selection: the selection variants",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -277,7 +365,12 @@ def main() -> None:
     inputs = RecallInputs.from_attention_inputs(projections, eval_xs, eval_positions)
     t_eval_forward = time.perf_counter() - t0
 
-    settings = grid(args.quick)
+    settings = selection_study() if args.study == "selection" else grid(args.quick)
+    # Sliding-window layers (Gemma 3) stay dense in the engine: not reported.
+    kinds = getattr(model.config, "layer_types", None)
+    reported = [
+        i for i, kind in enumerate(kinds or []) if kind == "full_attention"
+    ] or None
     speculators: dict[Variant, list[LayerSpeculator]] = {}
     fit_seconds: dict[str, float] = {}
     results = []
@@ -296,8 +389,14 @@ def main() -> None:
             speculators[variant] = build_speculators(projections, skews)
             fit_seconds[variant.name] = time.perf_counter() - t_fit
         per_layer = evaluate_recall(
-            speculators[variant], inputs, setting.policy, setting.block_size
+            speculators[variant],
+            inputs,
+            setting.policy,
+            setting.block_size,
+            real_query=setting.real_query,
         )
+        if reported is not None:
+            per_layer = {i: r for i, r in per_layer.items() if i in reported}
         summary = summarise(per_layer)
         results.append(
             {
@@ -308,13 +407,15 @@ def main() -> None:
                 "criterion": variant.criterion.value,
                 "d_partial": speculators[variant][1].d_partial,
                 "block_size": setting.block_size,
+                "real_query": setting.real_query,
                 "policy": policy_dict(setting.policy),
                 "summary": summary,
             }
         )
         logger.info(
-            "%-24s bs=%2d %-40s recall %.3f oracle %.3f random %.3f window %.3f "
+            "%-13s %-24s bs=%2d %-40s recall %.3f oracle %.3f random %.3f window %.3f "
             "at %.1f%% of blocks (min layer %.3f)",
+            setting.group,
             variant.name,
             setting.block_size,
             str(policy_dict(setting.policy)),
@@ -346,6 +447,13 @@ def main() -> None:
         },
         "results": results,
     }
+    if args.study == "selection":
+        suffix = "" if args.model == DEFAULT_MODEL else f"_{args.model}"
+        json_path = args.out / f"recall_selection{suffix}.json"
+        json_path.write_text(json.dumps(report, indent=1))
+        print(selection_table(results))
+        logger.info("wrote %s", json_path)
+        return
     name = "recall_quick" if args.quick else "recall"
     json_path = args.out / f"{name}.json"
     json_path.write_text(json.dumps(report, indent=1))

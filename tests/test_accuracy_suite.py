@@ -172,11 +172,15 @@ def test_answers_occur_once_and_questions_match(qwen: Any, quick: list[Any]) -> 
             for ident in neighbours.values():
                 assert ident != expected
                 assert ident[:5] == expected[:5]  # the shared first group
-            for step in (-1, 1):
-                near = neighbours.get(f"{int(number) + step:04d}")
-                if near is not None:
-                    differ = sum(a != b for a, b in zip(near, expected, strict=True))
-                    assert 1 <= differ <= max(acc.ID_CHANGES)
+            lines = [x for x in prompt.splitlines() if x.startswith("record ")]
+            at = lines.index(line.strip())
+            for near_line in lines[max(at - 1, 0) : at] + lines[at + 1 : at + 2]:
+                near = near_line.rpartition("=")[2]
+                assert near in neighbours.values()
+                differ = sum(a != b for a, b in zip(near, expected, strict=True))
+                assert 1 <= differ <= max(acc.ID_CHANGES)
+            numbers = [x.split(":")[0] for x in lines]
+            assert len(set(numbers)) == len(numbers)
 
 
 def test_contexts_are_shared_by_their_questions(quick: list[Any]) -> None:

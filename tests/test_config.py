@@ -22,6 +22,8 @@ GOOD: list[tuple[str, Any]] = [
     ("sink_blocks", 2),
     ("recent_blocks", 1),
     ("recent_blocks", 3),
+    ("recent_share", 0.0),
+    ("recent_share", 0.25),
     ("min_blocks", 0),
     ("min_blocks", 16),
     ("sparse_min_tokens", 0),
@@ -47,6 +49,11 @@ GOOD: list[tuple[str, Any]] = [
     ("partial_dtype", "bfloat16"),
     ("partial_dtype", "float16"),
     ("adaptive_budget", True),
+    ("partial_channels", "query_key"),
+    ("partial_channels", "query"),
+    ("recall_sample_rate", 0.0),
+    ("recall_sample_rate", 1.0),
+    ("http_reconfigure", True),
 ]
 
 BAD: list[tuple[str, Any]] = [
@@ -66,6 +73,9 @@ BAD: list[tuple[str, Any]] = [
     ("sink_blocks", -1),
     ("sink_blocks", 1.0),
     ("recent_blocks", 0),
+    ("recent_share", 1.0),
+    ("recent_share", -0.1),
+    ("recent_share", "some"),
     ("min_blocks", -1),
     ("min_blocks", 2.5),
     ("sparse_min_tokens", -1),
@@ -83,6 +93,10 @@ BAD: list[tuple[str, Any]] = [
     ("query_source", "actual"),
     ("partial_dtype", "int8"),
     ("adaptive_budget", "yes"),
+    ("partial_channels", "key"),
+    ("recall_sample_rate", 1.5),
+    ("recall_sample_rate", -0.01),
+    ("http_reconfigure", "on"),
 ]
 
 

@@ -42,6 +42,32 @@ PARTIAL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 #: Which query InfiniGen scores the partial keys with.
 QUERY_SOURCES: tuple[str, ...] = ("auto", "speculated", "real")
 
+#: How calibration ranks a head's channels for the partial keys
+#: (``method/skew.py``'s ``ChannelCriterion``).
+PARTIAL_CHANNELS: tuple[str, ...] = ("query", "query_key")
+
+
+#: Options the runtime may change while serving (``infinigen_configure``,
+#: ``POST /infinigen/config``);
+#: the others size memory or calibration and are fixed at start-up.
+RUNTIME_OPTIONS: tuple[str, ...] = (
+    "policy",
+    "budget",
+    "max_blocks",
+    "alpha",
+    "sink_blocks",
+    "recent_blocks",
+    "recent_share",
+    "min_blocks",
+    "sparse_min_tokens",
+    "swap_mode",
+    "score_rule",
+    "head_reduction",
+    "query_source",
+    "adaptive_budget",
+    "recall_sample_rate",
+)
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -87,6 +113,13 @@ class InfiniGenConfig:
     recent_blocks: int = 1
     """Trailing blocks always fetched (the newest, partly filled block is
     always among them), >= 1."""
+
+    recent_share: float = 0.0
+    """Share of each request's block budget given to its newest blocks, in
+    [0, 1): the recent window grows with the request (``max(recent_blocks,
+    floor(recent_share * budget))`` trailing blocks are always fetched); the
+    rest of the budget goes to the best-scored blocks. 0: ``recent_blocks``
+    only."""
 
     min_blocks: int = 8
     """A request's block budget never falls below this many blocks, and a
@@ -165,6 +198,25 @@ class InfiniGenConfig:
     no lead time), ``auto`` (``real`` when the kernel reads in place, where
     there is no copy to overlap; ``speculated`` with staging)."""
 
+    partial_channels: str = "query"
+    """How calibration picks each head's partial channels, one of
+    :data:`PARTIAL_CHANNELS`: ``query`` (largest mean ``|query|`` after the
+    skew, as the paper's code does) or ``query_key`` (largest ``|query| *
+    |key|``, as the paper's text describes). Fixed at start-up."""
+
+    recall_sample_rate: float = 0.01
+    """Share of sparse decode steps on which the engine measures its
+    selection's recall, in [0, 1]: for one sparse layer and one decode
+    request of the step (in turn), the share of the exact attention mass
+    that the selected blocks hold, exported as a metric (the method's health
+    signal; ``docs/operations.md``). It reads that request's keys once: at
+    0.01, well under 0.1% of decode time. 0 turns it off."""
+
+    http_reconfigure: bool = False
+    """Let ``POST /infinigen/config`` of ``vllm serve`` change the run-time
+    options while serving (the API needs ``VLLM_PLUGINS`` to name
+    ``infinigen_api``). Off: the endpoint answers 403. Fixed at start-up."""
+
     calibration_file: str | None = None
     """Text file used to calibrate the skew matrices and partial channels.
     None: the built-in default text (see ``docs/method.md``)."""
@@ -184,6 +236,9 @@ class InfiniGenConfig:
         )
         _check_int("sink_blocks", self.sink_blocks, minimum=0)
         _check_int("recent_blocks", self.recent_blocks, minimum=1)
+        _check_range(
+            "recent_share", self.recent_share, low=0.0, high=1.0, high_open=True
+        )
         _check_int("min_blocks", self.min_blocks, minimum=0)
         if self.sparse_min_tokens is not None:
             _check_int("sparse_min_tokens", self.sparse_min_tokens, minimum=0)
@@ -217,17 +272,20 @@ class InfiniGenConfig:
             ("head_reduction", HEAD_REDUCTIONS),
             ("query_source", QUERY_SOURCES),
             ("partial_dtype", PARTIAL_DTYPES),
+            ("partial_channels", PARTIAL_CHANNELS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"infinigen option {name!r} must be one of {list(allowed)}, "
                     f"got {getattr(self, name)!r}"
                 )
-        if not isinstance(self.adaptive_budget, bool):
-            raise ValueError(
-                "infinigen option 'adaptive_budget' must be true or false, "
-                f"got {self.adaptive_budget!r}"
-            )
+        _check_range("recall_sample_rate", self.recall_sample_rate, low=0.0, high=1.0)
+        for flag in ("adaptive_budget", "http_reconfigure"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(
+                    f"infinigen option {flag!r} must be true or false, "
+                    f"got {getattr(self, flag)!r}"
+                )
         if self.calibration_file is not None and (
             not isinstance(self.calibration_file, str) or not self.calibration_file
         ):
@@ -294,6 +352,30 @@ class InfiniGenConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def changed(self, options: Mapping[str, Any]) -> InfiniGenConfig:
+        """This configuration with some run-time options changed, validated
+        as at start-up; an option fixed at start-up (or unknown) is refused
+        with a message naming it."""
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                f"infinigen options must be a JSON object, got {type(options).__name__}"
+            )
+        names = self.option_names()
+        fixed = [
+            key
+            for key in options
+            if str(key).replace("-", "_") in names
+            and str(key).replace("-", "_") not in RUNTIME_OPTIONS
+        ]
+        if fixed:
+            raise ValueError(
+                f"infinigen option {fixed[0]!r} is fixed at start-up; options "
+                f"that can change while serving: {', '.join(RUNTIME_OPTIONS)}"
+            )
+        merged = self.to_dict()
+        merged.update({str(key).replace("-", "_"): v for key, v in options.items()})
+        return type(self).from_dict(merged)  # rejects unknown names
+
     def describe(self) -> str:
         """One line with every effective option, for the start-up log."""
         return " ".join(f"{k}={v}" for k, v in self.to_dict().items())
@@ -306,14 +388,17 @@ def _check_range(
     low: float,
     high: float,
     low_open: bool = False,
+    high_open: bool = False,
 ) -> None:
     ok = _is_number(value) and math.isfinite(float(value))  # type: ignore[arg-type]
     if ok:
         v = float(value)  # type: ignore[arg-type]
-        ok = (v > low if low_open else v >= low) and v <= high
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        ok = above and below
     if not ok:
         left = "(" if low_open else "["
-        right = ")" if math.isinf(high) else "]"
+        right = ")" if high_open or math.isinf(high) else "]"
         raise ValueError(
             f"infinigen option {name!r} must be a number in {left}{low}, {high}"
             f"{right}, got {value!r}"

@@ -26,6 +26,7 @@ from vllm_infinigen.engine.runtime import (
     plan_kv_write,
     selection_policy,
 )
+from vllm_infinigen.method.recall import attention_block_mass
 from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.scoring import block_scores
 from vllm_infinigen.method.selection import PAD, select_blocks
@@ -480,3 +481,99 @@ def test_adaptive_budget_moves_blocks_to_the_layer_that_misses_more() -> None:
     )
     runtime.reconfigure({"adaptive_budget": False})
     assert not runtime.adaptive and float(one.budget_scale) == 1.0
+
+
+def test_step_counters_histograms_and_sampled_recall() -> None:
+    world = World(
+        [40, 65],
+        budget=0.4,
+        min_blocks=0,
+        sparse_min_tokens=0,
+        recall_sample_rate=1.0,
+    )
+    runtime = world.runtime
+    query = torch.randn(2, HEADS, DIM, generator=torch.Generator().manual_seed(3))
+    sampled, shares = [], []
+    for _ in range(4):
+        for index in (1, 2):
+            layer = world.layer(index)
+            world.prepare(index)
+            read = runtime.take(layer)
+            assert read is not None
+            if runtime.recall_due(layer):
+                row = runtime._recall_turn % 2
+                share = runtime.sample_recall(
+                    layer, query, world.table, world.seq_lens, read
+                )
+                # Reference: the exact block masses of that request, summed
+                # over the blocks whose host ids the plan reads.
+                tokens = int(world.seq_lens[row])
+                mass = attention_block_mass(
+                    query[row : row + 1],
+                    world.keys[index][row],
+                    torch.tensor([tokens]),
+                    BLOCK,
+                    0.5,
+                )[0]
+                count = int(read.plan.counts[row])
+                chosen = set(read.plan.host_ids[row, :count].tolist())
+                blocks = world.table[row, : mass.shape[0]].tolist()
+                want = sum(
+                    float(m) for m, b in zip(mass, blocks, strict=True) if b in chosen
+                )
+                assert share == pytest.approx(want, abs=1e-5)
+                assert 0.0 < share < 1.0  # 40% of the blocks: not all the mass
+                sampled.append((index, row))
+                shares.append(share)
+            runtime.layer_done(layer)
+    steps = runtime.steps
+    assert (steps.sparse_steps, steps.sparse_requests) == (4, 8)
+    assert (steps.whole_steps, steps.whole_requests) == (0, 0)
+    # one sample per step, the layers and the requests in turn
+    assert [i for i, _ in sampled] == [1, 2, 1, 2]
+    assert len({r for _, r in sampled}) == 2
+    assert steps.recall.count == 4 and sum(steps.recall.counts) == 4
+    assert steps.last_recall == pytest.approx(shares[-1])
+    assert steps.recall.total == pytest.approx(sum(shares))
+    assert steps.selection_s.count == 4 and steps.selection_s.total > 0
+    assert steps.swap_wait_s.count == 0  # in place: no staging copy
+    snap = runtime.stats_snapshot()
+    assert snap["steps"]["recall"]["count"] == 4
+    assert snap["device_tier_bytes"] >= snap["partial_cache_bytes"] > 0
+
+
+def test_read_whole_steps_are_counted_and_not_sampled() -> None:
+    world = World([40, 65], budget=1.0, recall_sample_rate=1.0)
+    runtime = world.runtime
+    for _ in range(3):
+        for index in (1, 2):
+            world.prepare(index)
+            runtime.layer_done(world.layer(index))
+    steps = runtime.steps
+    assert (steps.whole_steps, steps.whole_requests) == (3, 6)
+    assert steps.sparse_steps == 0
+    assert steps.recall.count == 0 and steps.selection_s.count == 0
+    runtime.reset_stats()
+    assert runtime.steps.whole_steps == 0
+
+
+def test_recall_sampling_rate_spaces_the_samples() -> None:
+    world = World(
+        [40, 65], budget=0.4, min_blocks=0, sparse_min_tokens=0, recall_sample_rate=0.25
+    )
+    runtime = world.runtime
+    due = []
+    for _ in range(8):
+        for index in (1, 2):
+            layer = world.layer(index)
+            world.prepare(index)
+            read = runtime.take(layer)
+            due.append(runtime.recall_due(layer))
+            if due[-1]:
+                assert read is not None
+                runtime.sample_recall(
+                    layer, torch.randn(2, HEADS, DIM), world.table, world.seq_lens, read
+                )
+            runtime.layer_done(layer)
+    assert sum(due) == 2  # every 4th of 8 steps
+    assert runtime.steps.recall.count == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 
 from vllm_infinigen.method.recall import (
@@ -12,6 +13,7 @@ from vllm_infinigen.method.recall import (
     build_paged_cache,
     oracle_selection,
     random_selection,
+    selected_share,
     selection_mass,
     window_selection,
 )
@@ -95,3 +97,20 @@ def test_selection_mass_ignores_padding() -> None:
     oracle = oracle_selection(mass, torch.tensor([48]), 16, torch.tensor([1]))
     assert oracle.indices.tolist() == [[0, PAD, PAD]]
     assert float(selection_mass(mass, oracle)[0]) == 0.5
+
+
+def test_selected_share_is_the_selected_blocks_exact_mass() -> None:
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, dim, block, tokens = 6, 2, 16, 8, 45  # 6 blocks, last partial
+    query = torch.randn(heads, dim, generator=gen)
+    keys = torch.randn(tokens, kv_heads, dim, generator=gen)
+    mass = attention_block_mass(query[None], keys, torch.tensor([tokens]), block, 0.25)[
+        0
+    ]
+    selected = torch.tensor([True, False, False, True, False, True])
+    share = selected_share(query, keys, selected, block, 0.25)
+    assert float(share) == pytest.approx(float(mass[selected].sum()), abs=1e-5)
+    every = selected_share(query, keys, torch.ones(6, dtype=torch.bool), block, 0.25)
+    assert float(every) == pytest.approx(1.0, abs=1e-5)
+    none = selected_share(query, keys, torch.zeros(6, dtype=torch.bool), block, 0.25)
+    assert float(none) == 0.0

@@ -216,6 +216,35 @@ def test_forced_blocks_exceed_small_budget() -> None:
     assert sel.counts.tolist() == [4]
 
 
+def test_recent_share_widens_the_window_with_each_requests_budget() -> None:
+    # The oldest blocks score best, so only forced blocks are ever recent.
+    scores = -torch.arange(40.0).expand(2, 2, 40).contiguous()
+    lens = torch.tensor([640, 1280])  # 20 and 40 blocks of 32
+    policy = Policy(alpha=math.inf, budget_fraction=0.5, recent_share=0.25)
+    sel = select_blocks(scores, lens, 32, policy)
+    # budgets 10 and 20: windows of floor(2.5) = 2 and 5 newest blocks
+    assert sel.counts.tolist() == [10, 20]
+    assert sel.indices[0, :10].tolist() == [*range(8), 18, 19]
+    assert sel.indices[1, :20].tolist() == [*range(15), *range(35, 40)]
+    # never below recent_blocks; zero share: the fixed window
+    floor = Policy(
+        alpha=math.inf,
+        budget_fraction=0.1,
+        recent_share=0.1,
+        recent_blocks=3,
+        min_blocks=0,
+    )
+    assert select_blocks(scores, lens, 32, floor).counts.tolist() == [4, 4]
+    assert select_blocks(scores, lens, 32, floor).indices[0].tolist()[:4] == [
+        0,
+        17,
+        18,
+        19,
+    ]
+    fixed = select_blocks(scores, lens, 32, Policy(alpha=math.inf, budget_fraction=0.5))
+    assert fixed.indices[0, :10].tolist() == [*range(9), 19]
+
+
 def test_min_blocks_reads_short_requests_whole_and_floors_the_budget() -> None:
     # Scores that would keep only the sink and newest blocks (middle ones are
     # far below alpha), for a 3-block, an 8-block and a 20-block request.
@@ -298,6 +327,7 @@ def test_zero_requests() -> None:
         ({"max_blocks": 0}, "max_blocks"),
         ({"sink_blocks": -1}, "sink_blocks"),
         ({"recent_blocks": -2}, "recent_blocks"),
+        ({"recent_share": 1.0}, "recent_share"),
         ({"min_blocks": -1}, "min_blocks"),
     ],
 )

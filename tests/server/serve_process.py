@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,10 @@ class Server:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -67,14 +71,16 @@ def running_server(
     log_path: Path,
     startup_timeout: float = 600,
     kv_cache_space: str | None = "2",
+    env_extra: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """Yield a healthy server; SIGINT it afterwards and wait for it to exit.
 
     ``kv_cache_space``: ``VLLM_CPU_KVCACHE_SPACE`` in GiB, or ``None`` for
-    vLLM's automatic KV cache size (the variable removed).
+    vLLM's automatic KV cache size (the variable removed). ``env_extra``:
+    more environment (e.g. ``VLLM_PLUGINS``).
     """
     port = free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **(env_extra or {})}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     if kv_cache_space is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = kv_cache_space

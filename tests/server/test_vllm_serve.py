@@ -14,6 +14,7 @@ from tests.server.serve_process import Server, run_to_exit, running_server
 
 pytestmark = pytest.mark.slow
 SERVED_NAME = "qwen-infinigen"
+API_KEY = "unused"
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,17 @@ def server(
         # user's plain `vllm serve` gets it, on a share of this machine.
         "--gpu-memory-utilization",
         "0.6",
+        # vLLM guards /v1 with it; INFINIGEN's POST checks it too.
+        "--api-key",
+        API_KEY,
     ]
-    with running_server(qwen_model_dir, extra, log_path, kv_cache_space=None) as srv:
+    with running_server(
+        qwen_model_dir,
+        extra,
+        log_path,
+        kv_cache_space=None,
+        env_extra={"VLLM_PLUGINS": "infinigen,infinigen_api"},
+    ) as srv:
         yield srv
     # Stopped by SIGINT in running_server: it must have exited, not been killed.
     assert srv.process.returncode in (0, -signal.SIGINT, 130), srv.log()[-3000:]
@@ -50,7 +60,7 @@ def server(
 def _client(server: Server):  # type: ignore[no-untyped-def]
     from openai import OpenAI
 
-    return OpenAI(base_url=server.base_url, api_key="unused", timeout=300)
+    return OpenAI(base_url=server.base_url, api_key=API_KEY, timeout=300)
 
 
 def test_backend_in_use(server: Server) -> None:
@@ -145,6 +155,24 @@ def test_chat_and_streaming_agree(server: Server) -> None:
     assert len([p for p in pieces if p]) > 1
     assert "".join(pieces) == text
     assert "Python" in text
+
+
+def test_options_api_reads_but_does_not_change_by_default(server: Server) -> None:
+    """Without ``http_reconfigure`` the options can be read, not changed."""
+    import httpx
+
+    url = f"{server.root_url}/infinigen/config"
+    options = httpx.get(url, timeout=60).json()
+    assert options["options"]["budget"] == 0.3
+    assert options["http_reconfigure"] is False
+    assert "budget" in options["runtime_options"]
+    anonymous = httpx.post(url, json={"budget": 0.5}, timeout=60)
+    assert anonymous.status_code == 401
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    refused = httpx.post(url, json={"budget": 0.5}, headers=key, timeout=60)
+    assert refused.status_code == 403
+    assert "http_reconfigure" in refused.json()["error"]
+    assert httpx.get(url, timeout=60).json()["options"]["budget"] == 0.3
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from vllm_infinigen.method.calibration import CalibrationOptions
 from vllm_infinigen.method.calibration_cache import CalibrationCache
 from vllm_infinigen.method.calibration_text import load_calibration_text
 from vllm_infinigen.method.hf_model import calibrate_hf_model
+from vllm_infinigen.method.skew import ChannelCriterion
 from vllm_infinigen.method.speculator import LayerSpeculator
 
 logger = init_logger("vllm.infinigen.calibration")
@@ -33,7 +34,8 @@ def calibrate_model(
 
     Args:
         model_path: the Hugging Face folder vLLM serves.
-        config: our options (``partial_ratio``, ``calibration_file``).
+        config: our options (``partial_ratio``, ``partial_channels``,
+            ``calibration_file``).
         layers: indices of the sparse layers.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +52,10 @@ def calibrate_model(
         model_path, dtype=torch.float32, low_cpu_mem_usage=True
     )
     model.eval()
-    options = CalibrationOptions(partial_ratio=config.partial_ratio)
+    options = CalibrationOptions(
+        partial_ratio=config.partial_ratio,
+        criterion=ChannelCriterion(config.partial_channels),
+    )
     speculators = calibrate_hf_model(
         model, tokenizer, options, text=text, cache=CalibrationCache(), progress=True
     )

@@ -261,7 +261,7 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
                 active = observer is runtime.policy
                 self._observe(observer, state, query, meta, read, active)
         if read is None or state is None:
-            return super().forward(
+            result = super().forward(
                 layer,
                 query,
                 key,
@@ -272,6 +272,13 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
                 output_scale,
                 output_block_scale,
             )
+            if (
+                state is not None
+                and isinstance(attn_metadata, InfiniGenCPUMetadata)
+                and attn_metadata.num_decodes
+            ):
+                state.runtime.layer_done(state)
+            return result
         assert isinstance(attn_metadata, InfiniGenCPUMetadata)
         meta = attn_metadata
         decode_rows = meta.decode_req_idx
@@ -322,6 +329,18 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
             causal=bool(meta.causal),
         )
         state.stats.attention_s += time.perf_counter() - start
+        runtime = state.runtime
+        if runtime.recall_due(state):
+            assert meta.decode_block_table is not None
+            assert meta.decode_seq_lens is not None
+            runtime.sample_recall(
+                state,
+                query[meta.decode_token_idx],
+                meta.decode_block_table,
+                meta.decode_seq_lens,
+                read,
+            )
+        runtime.layer_done(state)
         return output
 
     @staticmethod

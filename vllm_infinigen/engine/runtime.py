@@ -43,9 +43,10 @@ from vllm_infinigen.engine.layer_state import LayerInfo, PreparedRead, SparseLay
 from vllm_infinigen.engine.placement import StagingPlan, plan_in_place, plan_staging
 from vllm_infinigen.engine.policies.base import BlockPolicy, PolicyContext
 from vllm_infinigen.engine.policies.registry import POLICIES, make_policy
-from vllm_infinigen.engine.stats import snapshot
+from vllm_infinigen.engine.stats import StepStats, snapshot
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.partial_cache import write_partial_keys
+from vllm_infinigen.method.recall import selected_share
 from vllm_infinigen.method.scoring import BlockScoreRule
 from vllm_infinigen.method.selection import (
     BlockSelection,
@@ -62,23 +63,6 @@ from vllm_infinigen.method.speculator import LayerSpeculator
 
 logger = init_logger("vllm.infinigen.runtime")
 
-#: Options :meth:`InfiniGenRuntime.reconfigure` may change while serving;
-#: the others size memory or calibration and are fixed at start-up.
-RUNTIME_OPTIONS: tuple[str, ...] = (
-    "policy",
-    "budget",
-    "max_blocks",
-    "alpha",
-    "sink_blocks",
-    "recent_blocks",
-    "min_blocks",
-    "sparse_min_tokens",
-    "swap_mode",
-    "score_rule",
-    "head_reduction",
-    "query_source",
-    "adaptive_budget",
-)
 
 #: Weight of a step in a layer's running mass deficit (adaptive budget).
 DEFICIT_EMA = 0.2
@@ -124,10 +108,21 @@ def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionP
         max_blocks=config.max_blocks,
         sink_blocks=config.sink_blocks,
         recent_blocks=config.recent_blocks,
+        recent_share=config.recent_share,
         min_blocks=config.min_blocks,
         head_reduction=HeadReduction(config.head_reduction),
         score_rule=BlockScoreRule(config.score_rule),
     )
+
+
+@dataclass
+class _OpenStep:
+    """The decode step in progress (per-step histograms)."""
+
+    whole: bool
+    selection_s: float = 0.0
+    wait_s: float = 0.0
+    staged: bool = False
 
 
 class InfiniGenRuntime:
@@ -156,6 +151,22 @@ class InfiniGenRuntime:
         self.track([config.policy])
         self.policy = self.policies[config.policy]
         self.selection = selection_policy(config, self.policy)
+        self.steps = StepStats()
+        """Per-step counters and histograms (metrics)."""
+        layers = list(self.sparse.values())
+        self._first = layers[0] if layers else None
+        self._last = layers[-1] if layers else None
+        self._step: _OpenStep | None = None
+        self._recall_countdown = 0
+        self._recall_turn = 0
+        self._recall_layer: SparseLayer | None = None
+        self._recall_ok = context.key_reader is not None
+        if self._recall_ok and context.key_reader_check is not None:
+            try:
+                context.key_reader_check()
+            except ValueError as error:
+                logger.info("INFINIGEN selection recall not sampled: %s", error)
+                self._recall_ok = False
 
     def _place(self, swap_mode: str) -> None:
         """Read in place, or through staging with a copier of that mode."""
@@ -283,6 +294,9 @@ class InfiniGenRuntime:
             return
         if layer.pending is not None:  # an aborted step left it
             self._drop(layer)
+        if layer is self._first:
+            whole = self.reads_everything(max_seq_len, total_tokens)
+            self._begin_step(int(seq_lens.shape[0]), whole)
         if self.in_place and self.reads_everything(max_seq_len, total_tokens):
             # vLLM's dense path reads the host tier as is: only count.
             if total_blocks is None:
@@ -404,7 +418,10 @@ class InfiniGenRuntime:
         plan_read = plan_in_place if self.copier is None else plan_staging
         plan = plan_read(selection, table, seq_lens, self.block_size)
         layer.tally(plan.dense_counts, plan.counts)
-        layer.stats.speculation_s += time.perf_counter() - start
+        spent = time.perf_counter() - start
+        layer.stats.speculation_s += spent
+        if self._step is not None:
+            self._step.selection_s += spent
         handle = None
         if self.copier is not None:
             assert isinstance(plan, StagingPlan)
@@ -430,6 +447,9 @@ class InfiniGenRuntime:
         )
         layer.stats.swap_s += read.handle.copy_s
         layer.stats.wait_s += read.handle.wait_s
+        if self._step is not None:
+            self._step.wait_s += read.handle.wait_s
+            self._step.staged = True
         return staging
 
     def _drop(self, layer: SparseLayer) -> None:
@@ -469,21 +489,7 @@ class InfiniGenRuntime:
 
         Returns the effective options.
         """
-        names = InfiniGenConfig.option_names()
-        fixed = [
-            key
-            for key in options
-            if key.replace("-", "_") in names
-            and key.replace("-", "_") not in RUNTIME_OPTIONS
-        ]
-        if fixed:
-            raise ValueError(
-                f"infinigen option {fixed[0]!r} is fixed at start-up; options "
-                f"that can change while serving: {', '.join(RUNTIME_OPTIONS)}"
-            )
-        merged = self.config.to_dict()
-        merged.update({key.replace("-", "_"): value for key, value in options.items()})
-        config = InfiniGenConfig.from_dict(merged)
+        config = self.config.changed(options)
         if any(layer.pending is not None for layer in self.sparse.values()):
             raise RuntimeError("INFINIGEN: reconfigure called during a step")
         self.track([config.policy])
@@ -496,10 +502,90 @@ class InfiniGenRuntime:
         self._reset_budget_shares()
         return config.to_dict()
 
+    # ------------------------------------------------------------ step stats
+    def _begin_step(self, num_decodes: int, whole: bool) -> None:
+        """A decode step starts (its first sparse layer): count it and pick
+        whether (and where) it samples the selection's recall."""
+        self._end_step()
+        self._step = _OpenStep(whole)
+        if whole:
+            self.steps.whole_steps += 1
+            self.steps.whole_requests += num_decodes
+            return
+        self.steps.sparse_steps += 1
+        self.steps.sparse_requests += num_decodes
+        rate = self.config.recall_sample_rate
+        if rate <= 0.0 or not self._recall_ok:
+            return
+        self._recall_countdown -= 1
+        if self._recall_countdown <= 0:
+            self._recall_countdown = max(1, round(1.0 / rate))
+            layers = list(self.sparse.values())
+            self._recall_layer = layers[self._recall_turn % len(layers)]
+            self._recall_turn += 1
+
+    def _end_step(self) -> None:
+        step, self._step = self._step, None
+        self._recall_layer = None
+        if step is None:
+            return
+        if not step.whole:
+            self.steps.selection_s.observe(step.selection_s)
+        if step.staged:
+            self.steps.swap_wait_s.observe(step.wait_s)
+
+    def layer_done(self, layer: SparseLayer) -> None:
+        """The backend finished a sparse layer of a decode step (the last
+        one closes the step's per-step figures)."""
+        if layer is self._last:
+            self._end_step()
+
+    def recall_due(self, layer: SparseLayer) -> bool:
+        """Whether this layer's read this step samples the recall."""
+        return layer is self._recall_layer
+
+    def sample_recall(
+        self,
+        layer: SparseLayer,
+        query: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        read: PreparedRead,
+    ) -> float:
+        """Measure the share of one decode request's exact attention mass
+        that this step's selection holds, and record it.
+
+        Args:
+            query: ``[num_decodes, num_heads, head_dim]`` the real queries.
+            block_table: ``[num_decodes, max_blocks]`` host block ids.
+            seq_lens: ``[num_decodes]`` tokens per request.
+            read: the layer's prepared read of this step.
+        """
+        self._recall_layer = None
+        reader = self.context.key_reader
+        assert reader is not None and layer.host_cache is not None
+        row = self._recall_turn % int(seq_lens.shape[0])
+        tokens = int(seq_lens[row])
+        n_blocks = blocks_for(tokens, self.block_size)
+        ids = block_table[row, :n_blocks].long()
+        count = int(read.plan.counts[row])
+        chosen = read.plan.host_ids[row, :count].long()
+        keys = reader(layer.host_cache, ids)[:tokens]
+        selected = torch.isin(ids, chosen)
+        share = float(
+            selected_share(
+                query[row], keys, selected, self.block_size, layer.info.scale
+            )
+        )
+        self.steps.recall.observe(share)
+        self.steps.last_recall = share
+        return share
+
     # ----------------------------------------------------------------- stats
     def reset_stats(self) -> None:
         for layer in self.sparse.values():
             layer.reset_stats()
+        self.steps = StepStats()
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Counters of this worker, JSON-ready."""
@@ -526,6 +612,13 @@ class InfiniGenRuntime:
         out["policy"] = self.config.policy
         out["budget"] = self.config.budget
         out["swap_mode"] = self.config.swap_mode
+        out["steps"] = self.steps.to_dict()
+        # The device tier: partial keys, tracked policies' metadata, staging.
+        out["device_tier_bytes"] = (
+            out["partial_cache_bytes"]
+            + sum(sum(p.metadata_bytes().values()) for p in self.policies.values())
+            + (0 if self.copier is None else self.copier.staging.nbytes())
+        )
         return out
 
     def shutdown(self) -> None:

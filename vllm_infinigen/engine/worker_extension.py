@@ -8,6 +8,7 @@ offline users and benchmarks can reach the runtime of every worker:
     llm.collective_rpc("infinigen_reset_stats")
     llm.collective_rpc("infinigen_track", args=(["quest", "h2o"],))
     llm.collective_rpc("infinigen_configure", args=({"policy": "quest"},))
+    llm.collective_rpc("infinigen_options")
 
 ``infinigen_track`` starts maintaining other policies' device metadata (so
 prompts prefilled once serve every policy from the prefix cache);
@@ -57,3 +58,7 @@ class InfiniGenWorkerExtension:
     def infinigen_track(self, policies: list[str]) -> list[str]:
         """Maintain these policies' device metadata from now on."""
         return _required(self).track(policies)
+
+    def infinigen_options(self) -> dict[str, Any]:
+        """This worker's effective options (changes nothing)."""
+        return _required(self).config.to_dict()

@@ -69,6 +69,39 @@ def attention_block_mass(
     return padded.view(num_reqs, max_blocks, block_size).sum(dim=-1)
 
 
+def selected_share(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    selected: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Share of one decode token's exact attention mass in its selected blocks.
+
+    The online health signal of the selection (the engine samples it on a
+    few decode steps): 1 means the blocks read hold all the attention the
+    dense kernel would have paid, averaged over query heads.
+
+    Args:
+        query: ``[num_heads, head_dim]`` the layer's real post-RoPE query.
+        keys: ``[tokens, num_kv_heads, head_dim]`` the request's keys, in
+            position order (its whole context, this step's token included).
+        selected: ``[ceil(tokens / block_size)]`` bool, block was read.
+        block_size: tokens per block.
+        scale: the layer's softmax scale.
+
+    Returns:
+        A 0-dim float32 tensor in ``[0, 1]``.
+    """
+    tokens, num_kv_heads, head_dim = keys.shape
+    group = query.shape[0] // num_kv_heads
+    q = query.float().reshape(num_kv_heads, group, head_dim)
+    logits = torch.einsum("kgd,tkd->kgt", q, keys.float()) * scale
+    probs = logits.softmax(dim=-1).mean(dim=(0, 1))  # [tokens]
+    per_token = selected.repeat_interleave(block_size)[:tokens]
+    return (probs * per_token).sum().clamp(0.0, 1.0)
+
+
 def selection_mass(block_mass: torch.Tensor, selection: BlockSelection) -> torch.Tensor:
     """``block_mass: [R, M]`` -> ``[R]`` mass inside the selected blocks."""
     idx = selection.indices
@@ -184,6 +217,7 @@ def evaluate_layer(
     policy: SelectionPolicy,
     block_size: int,
     generator: torch.Generator,
+    real_query: bool = False,
 ) -> LayerRecall:
     """Recall of speculation for one layer at several decode positions.
 
@@ -202,11 +236,16 @@ def evaluate_layer(
         policy: selection policy.
         block_size: tokens per block.
         generator: drives the block permutation and the random baseline.
+        real_query: score with the partial channels of ``queries`` (the
+            engine's in-place default) instead of the speculated query.
     """
     scale = speculator.head_dim**-0.5
     seq_lens = eval_positions + 1
     num_reqs = eval_positions.shape[0]
-    q_spec = speculator.speculate(prev_x, eval_positions)
+    if real_query:
+        q_spec = speculator.partial_query(queries)
+    else:
+        q_spec = speculator.speculate(prev_x, eval_positions)
     cache, table = build_paged_cache(
         speculator.partial_keys(keys), block_size, num_reqs, generator
     )
@@ -272,6 +311,7 @@ def evaluate_recall(
     *,
     first_layer: int = 1,
     seed: int = 0,
+    real_query: bool = False,
 ) -> dict[int, LayerRecall]:
     """Recall of every speculated layer (layer ``L`` speculated from ``L-1``).
 
@@ -282,6 +322,7 @@ def evaluate_recall(
         block_size: tokens per block.
         first_layer: first speculated layer (earlier ones run dense).
         seed: seeds the block permutation and the random baseline.
+        real_query: score with each layer's real query (:func:`evaluate_layer`).
 
     Returns:
         ``{layer: LayerRecall}`` for layers ``first_layer..num_layers-1``.
@@ -300,5 +341,6 @@ def evaluate_recall(
                 policy,
                 block_size,
                 generator,
+                real_query,
             )
     return out

@@ -6,19 +6,19 @@ ceil(seq_len_r / block_size)`` blocks:
 
 1. *Margin* of block ``j`` (logit units, ``<= 0``, the best block has 0):
 
-   * :attr:`HeadReduction.PER_HEAD` (default): ``max_g (score[g, j] -
+   * :attr:`HeadReduction.PER_HEAD`: ``max_g (score[g, j] -
      max_j' score[g, j'])``: each KV head measures blocks against its own
      best block (the paper's per-head ``s >= max(s) - alpha`` rule) and the
      block set is the union over heads.
    * :attr:`HeadReduction.MAX`: ``s_j = max_g score[g, j]``, margin ``s_j -
      max_j' s_j'``: heads with lower logits may lose their blocks.
-   * :attr:`HeadReduction.MEAN`: ``s_j = log mean_g exp(score[g, j])``,
+   * :attr:`HeadReduction.MEAN` (default): ``s_j = log mean_g exp(score[g, j])``,
      margin ``s_j - max_j' s_j'``: with ``LOG_MASS`` block scores, the log of
      the block's mass averaged over all query heads.
 
-2. *Forced* blocks: the first ``sink_blocks`` and the last ``recent_blocks``
-   (the newest, partly filled block is always among them when
-   ``recent_blocks >= 1``).
+2. *Forced* blocks: the first ``sink_blocks`` and the last ``max(
+   recent_blocks, floor(recent_share * b_r))`` (the newest, partly filled
+   block is always among them when ``recent_blocks >= 1``).
 3. *Candidates*: other blocks with ``margin >= -alpha``.
 4. *Budget*: ``b_r = max(ceil(budget_fraction * n_r), min(n_r, m))``
    with ``m = min_blocks`` (capped by ``max_blocks``), then capped by
@@ -75,6 +75,9 @@ class SelectionPolicy:
         sink_blocks: leading blocks always selected (attention sinks).
         recent_blocks: trailing blocks always selected (includes the
             partly filled newest block).
+        recent_share: share of each request's budget given to its newest
+            blocks, in ``[0, 1)``: ``max(recent_blocks, floor(recent_share *
+            budget))`` trailing blocks are forced.
         min_blocks: the budget never falls below this many blocks, and a
             request with at most this many blocks reads them all (short
             contexts stay exact); ``0`` turns it off.
@@ -93,6 +96,7 @@ class SelectionPolicy:
     max_blocks: int | None = None
     sink_blocks: int = 1
     recent_blocks: int = 1
+    recent_share: float = 0.0
     min_blocks: int = DEFAULT_CONFIG.min_blocks
     head_reduction: HeadReduction = HeadReduction.MEAN
     score_rule: BlockScoreRule = BlockScoreRule.LOG_MASS
@@ -110,6 +114,8 @@ class SelectionPolicy:
             raise ValueError(f"sink_blocks must be >= 0, got {self.sink_blocks}")
         if self.recent_blocks < 0:
             raise ValueError(f"recent_blocks must be >= 0, got {self.recent_blocks}")
+        if not 0.0 <= self.recent_share < 1.0:
+            raise ValueError(f"recent_share must be in [0, 1), got {self.recent_share}")
         if self.min_blocks < 0:
             raise ValueError(f"min_blocks must be >= 0, got {self.min_blocks}")
 
@@ -124,9 +130,8 @@ class SelectionPolicy:
         """Columns of :attr:`BlockSelection.indices` for a block table width."""
         if self.max_blocks is None:
             return table_width
-        return min(
-            table_width, max(self.max_blocks, self.sink_blocks + self.recent_blocks)
-        )
+        recent = max(self.recent_blocks, int(self.recent_share * self.max_blocks))
+        return min(table_width, max(self.max_blocks, self.sink_blocks + recent))
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,15 +267,19 @@ def select_blocks(
     logical = torch.arange(max_blocks, device=device)[None, :]  # [1, M]
     valid = logical < n_blocks
     least = policy.effective_min_blocks
+    budget = budget_blocks(n_blocks, policy, budget_scale)
+    recent: int | torch.Tensor = policy.recent_blocks
+    if policy.recent_share > 0.0:
+        window = torch.floor(budget.double() * policy.recent_share).long()
+        recent = window.clamp(min=policy.recent_blocks)
     forced = valid & (
         (logical < policy.sink_blocks)
-        | (logical >= n_blocks - policy.recent_blocks)
+        | (logical >= n_blocks - recent)
         | (n_blocks <= least)
     )
     margin = block_margins(scores, valid, policy.head_reduction)
     candidate = valid & ~forced & (margin >= -policy.alpha)
 
-    budget = budget_blocks(n_blocks, policy, budget_scale)
     room = (budget - forced.sum(dim=1, keepdim=True)).clamp(min=0)
     n_take = torch.minimum(room, candidate.sum(dim=1, keepdim=True))
 

@@ -1,0 +1,1 @@
+"""INFINIGEN on ``vllm serve``'s HTTP side: metrics and the options API."""
