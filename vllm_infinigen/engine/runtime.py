@@ -153,9 +153,9 @@ class InfiniGenRuntime:
         self.selection = selection_policy(config, self.policy)
         self.steps = StepStats()
         """Per-step counters and histograms (metrics)."""
-        layers = list(self.sparse.values())
-        self._first = layers[0] if layers else None
-        self._last = layers[-1] if layers else None
+        sparse_layers = list(self.sparse.values())
+        self._first = sparse_layers[0] if sparse_layers else None
+        self._last = sparse_layers[-1] if sparse_layers else None
         self._step: _OpenStep | None = None
         self._recall_countdown = 0
         self._recall_turn = 0

@@ -161,10 +161,10 @@ def metric_families(
         last.add_metric(values, float("nan") if value is None else float(value))
     out.append(last)
     for name, doc, key in GAUGES:
-        family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+        gauge = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
         for values, snap in ranks:
-            family.add_metric(values, float(snap.get(key, 0)))
-        out.append(family)
+            gauge.add_metric(values, float(snap.get(key, 0)))
+        out.append(gauge)
     return out
 
 
@@ -173,7 +173,7 @@ class InfiniGenCollector(Collector):
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.snapshots: list[Mapping[str, Any]] = []
+        self.snapshots: Sequence[Mapping[str, Any]] = []
 
     def collect(self) -> Iterator[Metric]:
         yield from metric_families(self.snapshots, self.model_name)
