@@ -57,3 +57,30 @@ def test_empty_table(scorer) -> None:  # type: ignore[no-untyped-def]
         query[:2], cache, torch.zeros(2, 0, dtype=torch.int32), torch.ones(2), 1.0
     )
     assert out.shape == (2, 2, 0)
+
+
+@pytest.mark.parametrize(
+    "rule", [BlockScoreRule.LOG_MASS, BlockScoreRule.HEAD_MAX_MASS]
+)
+def test_far_blocks_keep_their_order(scorer, rule: BlockScoreRule) -> None:  # type: ignore[no-untyped-def]
+    """Large logits over a long context (attention sinks): most blocks lie
+    far more than 87 nats below the best one, where a mass computed outside
+    the log domain flushes them all to one floor value and the top-k among
+    them follows the blocks' flatness instead of their logits."""
+    gen = torch.Generator().manual_seed(11)
+    kv, group, p, block, blocks = 2, 7, 20, 32, 512  # 16K tokens
+    cache = (torch.randn(blocks + 3, block, kv, p, generator=gen) * 30).to(
+        torch.bfloat16
+    )
+    table = torch.randperm(blocks + 3, generator=gen)[:blocks].view(1, blocks)
+    query = torch.randn(1, kv * group, p, generator=gen) * 30
+    lens = torch.tensor([blocks * block - 5])
+    table = table.to(torch.int32)
+    want = block_scores(query, cache.float(), table, lens, 0.125, rule)
+    got = scorer(query, cache, table, lens, 0.125, rule)
+    assert float(want.max() - want.min()) > 500  # far beyond exp's range
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-2)
+    k = blocks // 5
+    top_want = set(want.logsumexp(1)[0].topk(k).indices.tolist())
+    top_got = set(got.logsumexp(1)[0].topk(k).indices.tolist())
+    assert len(top_want & top_got) >= 0.98 * k

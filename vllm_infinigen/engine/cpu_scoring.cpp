@@ -166,31 +166,45 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
         for (int64_t j = 0; j < blocks; ++j) o[j] = best[g * M + j];
         continue;
       }
-      std::fill(mass.begin(), mass.begin() + blocks, 0.0f);
+      // Per head, a block's log mass is (max - head's top) + log(sum) -
+      // log(head's total), kept in the log domain: far blocks (more than 87
+      // nats below the head's best, common with attention sinks at long
+      // contexts) keep their order instead of flushing to one floor value.
+      // The heads then merge by log-sum-exp (mean) or max.
+      std::fill(mass.begin(), mass.begin() + blocks, neg_inf);     // running max
+      std::fill(weight.begin(), weight.begin() + blocks, 0.0f);    // sum exp(- max)
       for (int64_t h = 0; h < G; ++h) {
         const float* bm = bmax.data() + (g * G + h) * M;
         const float* bs = bsum.data() + (g * G + h) * M;
-        float* w = weight.data();
         float top = neg_inf;
 #pragma omp simd reduction(max : top)
         for (int64_t j = 0; j < blocks; ++j) top = std::max(top, bm[j]);
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < blocks; ++j) total += bs[j] * exp_nonpositive(bm[j] - top);
+        const float shift = top + std::log(total);
         for (int64_t j = 0; j < blocks; ++j) {
-          w[j] = bs[j] * exp_nonpositive(bm[j] - top);
-          total += w[j];
+          const float lm = bm[j] - shift + std::log(bs[j]);
+          if (head_max) {
+            mass[j] = std::max(mass[j], lm);
+            continue;
+          }
+          const float m = mass[j];
+          if (lm > m) {
+            weight[j] = weight[j] * exp_nonpositive(m - lm) + 1.0f;
+            mass[j] = lm;
+          } else {
+            weight[j] += exp_nonpositive(lm - m);
+          }
         }
-        if (head_max) {
-          const float inv = 1.0f / total;
-#pragma omp simd
-          for (int64_t j = 0; j < blocks; ++j) mass[j] = std::max(mass[j], w[j] * inv);
-          continue;
-        }
-        const float inv = 1.0f / (total * static_cast<float>(G));
-#pragma omp simd
-        for (int64_t j = 0; j < blocks; ++j) mass[j] += w[j] * inv;
       }
-      for (int64_t j = 0; j < blocks; ++j) o[j] = std::log(mass[j]);
+      if (head_max) {
+        for (int64_t j = 0; j < blocks; ++j) o[j] = mass[j];
+      } else {
+        const float log_g = std::log(static_cast<float>(G));
+        for (int64_t j = 0; j < blocks; ++j)
+          o[j] = mass[j] + std::log(weight[j]) - log_g;
+      }
     }
   }
 }

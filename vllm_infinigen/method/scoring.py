@@ -148,11 +148,13 @@ def block_scores(
     if rule is BlockScoreRule.MAX:
         blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
         return blocks.amax(dim=4).amax(dim=2)
-    # Softmax without a new tensor: exp(l - max) in place, then block sums
-    # over the request's total (every seq_len >= 1: no empty rows).
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    mass = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size).sum(4)
-    mass = mass / mass.sum(dim=-1, keepdim=True)
+    # Block masses in the log domain: with attention sinks at long contexts
+    # most blocks lie more than ~100 nats below the best one, where exp()
+    # underflows and every such block would score -inf (ties: the ranking
+    # among them would be lost).
+    blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
+    block_lse = torch.logsumexp(blocks, dim=4)  # [R, kv, group, M]
+    log_mass = block_lse - torch.logsumexp(block_lse, dim=-1, keepdim=True)
     if rule is BlockScoreRule.HEAD_MAX_MASS:
-        return mass.amax(dim=2).log()
-    return mass.mean(dim=2).log()
+        return log_mass.amax(dim=2)
+    return torch.logsumexp(log_mass, dim=2) - math.log(group)
