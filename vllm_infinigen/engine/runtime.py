@@ -164,7 +164,7 @@ class InfiniGenRuntime:
         if self._recall_ok and context.key_reader_check is not None:
             try:
                 context.key_reader_check()
-            except ValueError as error:
+            except Exception as error:  # noqa: BLE001 - recall is optional
                 logger.info("INFINIGEN selection recall not sampled: %s", error)
                 self._recall_ok = False
 
