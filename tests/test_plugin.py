@@ -18,6 +18,15 @@ def test_entry_point_declared() -> None:
     assert values.get("infinigen") == "vllm_infinigen.plugin:register"
 
 
+def test_endpoint_plugin_declared_and_satisfies_vllms_protocol() -> None:
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+
+    eps = {ep.name: ep for ep in entry_points(group="vllm.endpoint_plugins")}
+    plugin_object = eps["infinigen_api"].load()()
+    assert isinstance(plugin_object, EndpointPlugin)
+    assert plugin_object.name == "infinigen_api"
+
+
 def test_register_is_idempotent() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
