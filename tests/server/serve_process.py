@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -39,6 +40,33 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def assert_stopped_cleanly(self) -> None:
+        """After :func:`running_server`'s SIGINT: it exited, not killed."""
+        assert self.process.returncode in (0, -signal.SIGINT, 130), self.log()[-3000:]
+
+
+#: Loads the endpoint plugin (metrics, ``/infinigen``) beside the backend.
+PLUGINS_ENV = {"VLLM_PLUGINS": "infinigen,infinigen_api"}
+
+
+def infinigen_args(served_name: str, options: Mapping[str, object]) -> list[str]:
+    """``vllm serve`` arguments of the tests' INFINIGEN server: Qwen in
+    float32 with 32-token blocks, 2048 tokens at most, these options."""
+    return [
+        "--attention-backend",
+        "infinigen",
+        "--served-model-name",
+        served_name,
+        "--max-model-len",
+        "2048",
+        "--block-size",
+        "32",
+        "--dtype",
+        "float32",
+        "--additional-config",
+        json.dumps({"infinigen": dict(options)}),
+    ]
 
 
 def serve_command(model: Path, port: int, extra: Sequence[str]) -> list[str]:

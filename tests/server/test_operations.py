@@ -8,8 +8,6 @@ Requests go through the ``openai`` client; ``/metrics`` is parsed with
 
 from __future__ import annotations
 
-import json
-import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.serve_process import Server, running_server
+from tests.server.serve_process import (
+    PLUGINS_ENV,
+    Server,
+    infinigen_args,
+    running_server,
+)
 
 pytestmark = pytest.mark.slow
 SERVED_NAME = "qwen-ops"
@@ -38,28 +41,14 @@ def server(
         "recall_sample_rate": 0.25,
         "http_reconfigure": True,
     }
-    extra = [
-        "--attention-backend",
-        "infinigen",
-        "--served-model-name",
-        SERVED_NAME,
-        "--max-model-len",
-        "2048",
-        "--block-size",
-        "32",
-        "--dtype",
-        "float32",
-        "--additional-config",
-        json.dumps({"infinigen": options}),
-    ]
     with running_server(
         qwen_model_dir,
-        extra,
+        infinigen_args(SERVED_NAME, options),
         log_path,
-        env_extra={"VLLM_PLUGINS": "infinigen,infinigen_api"},
+        env_extra=PLUGINS_ENV,
     ) as srv:
         yield srv
-    assert srv.process.returncode in (0, -signal.SIGINT, 130), srv.log()[-3000:]
+    srv.assert_stopped_cleanly()
 
 
 def _client(server: Server):  # type: ignore[no-untyped-def]

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.server.serve_process import Server, run_to_exit, running_server
+from tests.server.serve_process import (
+    PLUGINS_ENV,
+    Server,
+    infinigen_args,
+    run_to_exit,
+    running_server,
+)
 
 pytestmark = pytest.mark.slow
 SERVED_NAME = "qwen-infinigen"
@@ -22,21 +27,11 @@ def server(
     qwen_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    # Select at every length: the test prompts are shorter than the CPU's
+    # default threshold for sparse steps.
+    options = {"budget": 0.3, "sparse_min_tokens": 0}
     extra = [
-        "--attention-backend",
-        "infinigen",
-        "--served-model-name",
-        SERVED_NAME,
-        "--max-model-len",
-        "2048",
-        "--block-size",
-        "32",
-        "--dtype",
-        "float32",
-        "--additional-config",
-        # Select at every length: the test prompts are shorter than the
-        # CPU's default threshold for sparse steps.
-        json.dumps({"infinigen": {"budget": 0.3, "sparse_min_tokens": 0}}),
+        *infinigen_args(SERVED_NAME, options),
         # vLLM's automatic KV cache size (no VLLM_CPU_KVCACHE_SPACE), as a
         # user's plain `vllm serve` gets it, on a share of this machine.
         "--gpu-memory-utilization",
@@ -50,11 +45,10 @@ def server(
         extra,
         log_path,
         kv_cache_space=None,
-        env_extra={"VLLM_PLUGINS": "infinigen,infinigen_api"},
+        env_extra=PLUGINS_ENV,
     ) as srv:
         yield srv
-    # Stopped by SIGINT in running_server: it must have exited, not been killed.
-    assert srv.process.returncode in (0, -signal.SIGINT, 130), srv.log()[-3000:]
+    srv.assert_stopped_cleanly()
 
 
 def _client(server: Server):  # type: ignore[no-untyped-def]

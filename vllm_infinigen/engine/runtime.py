@@ -153,9 +153,11 @@ class InfiniGenRuntime:
         self.selection = selection_policy(config, self.policy)
         self.steps = StepStats()
         """Per-step counters and histograms (metrics)."""
-        sparse_layers = list(self.sparse.values())
-        self._first = sparse_layers[0] if sparse_layers else None
-        self._last = sparse_layers[-1] if sparse_layers else None
+        self._layers = list(self.sparse.values())
+        """The sparse layers in order (the step's first opens it, the last
+        closes it; recall samples them in turn)."""
+        self._first = self._layers[0] if self._layers else None
+        self._last = self._layers[-1] if self._layers else None
         self._step: _OpenStep | None = None
         self._recall_countdown = 0
         self._recall_turn = 0
@@ -294,10 +296,10 @@ class InfiniGenRuntime:
             return
         if layer.pending is not None:  # an aborted step left it
             self._drop(layer)
+        whole = self.reads_everything(max_seq_len, total_tokens)
         if layer is self._first:
-            whole = self.reads_everything(max_seq_len, total_tokens)
             self._begin_step(int(seq_lens.shape[0]), whole)
-        if self.in_place and self.reads_everything(max_seq_len, total_tokens):
+        if self.in_place and whole:
             # vLLM's dense path reads the host tier as is: only count.
             if total_blocks is None:
                 n_blocks = num_blocks_of(seq_lens, self.block_size)
@@ -310,7 +312,7 @@ class InfiniGenRuntime:
         start = time.perf_counter()
         width = blocks_for(max_seq_len, self.block_size)
         table = block_table[:, :width]
-        if self.reads_everything(max_seq_len, total_tokens):
+        if whole:
             selection = selection_from_mask(
                 valid_blocks(seq_lens, self.block_size, width)
             )
@@ -379,7 +381,7 @@ class InfiniGenRuntime:
         mass the choice missed into the layer's running deficit."""
         if not self.adaptive:
             return select_blocks(scores, seq_lens, self.block_size, self.selection)
-        if layer is next(iter(self.sparse.values())):
+        if layer is self._first:
             self._rebalance()
         selection = select_blocks(
             scores, seq_lens, self.block_size, self.selection, layer.budget_scale
@@ -391,7 +393,7 @@ class InfiniGenRuntime:
     def _rebalance(self) -> None:
         """Layers' budget multiples in proportion to their mass deficits,
         bounded by :data:`SCALE_RANGE`, averaging 1 (the same total)."""
-        layers = list(self.sparse.values())
+        layers = self._layers
         deficit = torch.stack([layer.mass_deficit for layer in layers]).clamp(min=1e-4)
         scale = (deficit / deficit.mean()).clamp(*SCALE_RANGE)
         scale = scale / scale.mean()
@@ -520,8 +522,7 @@ class InfiniGenRuntime:
         self._recall_countdown -= 1
         if self._recall_countdown <= 0:
             self._recall_countdown = max(1, round(1.0 / rate))
-            layers = list(self.sparse.values())
-            self._recall_layer = layers[self._recall_turn % len(layers)]
+            self._recall_layer = self._layers[self._recall_turn % len(self._layers)]
             self._recall_turn += 1
 
     def _end_step(self) -> None:
@@ -589,7 +590,7 @@ class InfiniGenRuntime:
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Counters of this worker, JSON-ready."""
-        layers = list(self.sparse.values())
+        layers = self._layers
         out = snapshot(layers, staging=not self.in_place)
         out["block_bytes"] = layers[0].block_bytes if layers else 0
         out["staging_peak_blocks"] = (

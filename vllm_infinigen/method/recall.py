@@ -41,6 +41,7 @@ def attention_block_mass(
     seq_lens: torch.Tensor,
     block_size: int,
     scale: float,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """True attention mass per block, averaged over query heads.
 
@@ -51,20 +52,24 @@ def attention_block_mass(
         seq_lens: ``[num_reqs]`` int, ``<= tokens``.
         block_size: tokens per block.
         scale: softmax scale.
+        dtype: the arithmetic's precision (float64 for the benchmarks;
+            the engine's online sample takes float32).
 
     Returns:
-        ``[num_reqs, ceil(tokens / block_size)]`` float64; each row sums to 1.
+        ``[num_reqs, ceil(tokens / block_size)]`` in ``dtype`` on ``keys``'
+        device; each row sums to 1.
     """
     tokens, num_kv_heads, head_dim = keys.shape
     num_reqs, num_heads, _ = queries.shape
     group = num_heads // num_kv_heads
-    q = queries.double().reshape(num_reqs, num_kv_heads, group, head_dim)
-    logits = torch.einsum("rkgd,tkd->rkgt", q, keys.double()) * scale
-    valid = torch.arange(tokens)[None, :] < seq_lens[:, None]
+    q = queries.to(dtype).reshape(num_reqs, num_kv_heads, group, head_dim)
+    logits = torch.einsum("rkgd,tkd->rkgt", q, keys.to(dtype)) * scale
+    positions = torch.arange(tokens, device=keys.device)
+    valid = positions[None, :] < seq_lens.to(keys.device)[:, None]
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = logits.softmax(dim=-1).mean(dim=(1, 2))  # [R, T]
     max_blocks = -(-tokens // block_size)
-    padded = torch.zeros(num_reqs, max_blocks * block_size, dtype=torch.float64)
+    padded = probs.new_zeros(num_reqs, max_blocks * block_size)
     padded[:, :tokens] = probs
     return padded.view(num_reqs, max_blocks, block_size).sum(dim=-1)
 
@@ -93,13 +98,12 @@ def selected_share(
     Returns:
         A 0-dim float32 tensor in ``[0, 1]``.
     """
-    tokens, num_kv_heads, head_dim = keys.shape
-    group = query.shape[0] // num_kv_heads
-    q = query.float().reshape(num_kv_heads, group, head_dim)
-    logits = torch.einsum("kgd,tkd->kgt", q, keys.float()) * scale
-    probs = logits.softmax(dim=-1).mean(dim=(0, 1))  # [tokens]
-    per_token = selected.repeat_interleave(block_size)[:tokens]
-    return (probs * per_token).sum().clamp(0.0, 1.0)
+    tokens = keys.shape[0]
+    seq_len = torch.full((1,), tokens, device=keys.device)
+    mass = attention_block_mass(
+        query[None], keys, seq_len, block_size, scale, dtype=torch.float32
+    )[0]
+    return (mass * selected).sum().clamp(0.0, 1.0)
 
 
 def selection_mass(block_mass: torch.Tensor, selection: BlockSelection) -> torch.Tensor:
