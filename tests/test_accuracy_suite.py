@@ -315,3 +315,17 @@ def test_quick_plan_fits_in_15_minutes(quick: list[Any]) -> None:
         plan = acc.make_plan(quick, configs, shapes)
         assert plan.prefill_tokens < plan.prompt_tokens  # shared contexts
         assert plan.total_s < 15 * 60, (name, plan.total_s / 60)
+
+
+@pytest.mark.parametrize("bad", ["not json", "[0.5]", '{"policy": "quest"}'])
+def test_engine_options_must_be_an_object_without_policy(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--engine-options", bad])
+    assert "--engine-options" in capsys.readouterr().err
+
+
+def test_engine_options_reach_the_start_up_options() -> None:
+    args = acc.parse_args(["--quick", "--engine-options", '{"partial_ratio": 0.5}'])
+    assert args.engine_options == {"partial_ratio": 0.5}
