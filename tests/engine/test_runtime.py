@@ -28,7 +28,7 @@ from vllm_infinigen.engine.runtime import (
 )
 from vllm_infinigen.method.recall import attention_block_mass
 from vllm_infinigen.method.rotary import NeoxRotary
-from vllm_infinigen.method.scoring import block_scores
+from vllm_infinigen.method.scoring import block_scores, residual_block_bias
 from vllm_infinigen.method.selection import PAD, select_blocks
 from vllm_infinigen.method.skew import LayerSkew
 from vllm_infinigen.method.speculator import LayerSpeculator
@@ -235,9 +235,21 @@ def test_sparse_read_in_place_matches_the_method(policy: str) -> None:
     width = 25
     table = world.table[:, :width]
     if policy == "infinigen":
-        query = layer.speculator.speculate(world.x, (world.seq_lens - 1).long())
-        assert layer.partial_cache is not None
-        scores = block_scores(query, layer.partial_cache, table, world.seq_lens, 0.5)
+        spec = layer.speculator
+        full = spec.speculate_full(world.x, (world.seq_lens - 1).long())
+        assert full is not None and layer.partial_cache is not None
+        assert layer.residual_sums is not None
+        bias = residual_block_bias(
+            spec.residual_query(full), layer.residual_sums, table, world.seq_lens, BLOCK, 0.5
+        )
+        scores = block_scores(
+            spec.partial_query(full),
+            layer.partial_cache,
+            table,
+            world.seq_lens,
+            0.5,
+            block_bias=bias,
+        )
     else:
         scores = runtime.policy.scores_ahead(
             layer, world.x, table, world.seq_lens, runtime.selection

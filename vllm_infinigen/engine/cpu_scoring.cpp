@@ -8,13 +8,16 @@
 // maximum logit and its sum of exp(logit - maximum). A second, block-sized
 // pass turns those into the log of the block's softmax mass averaged over the
 // group's query heads (rule 1, LOG_MASS) or their largest (rule 2,
-// HEAD_MAX_MASS), or takes the block's largest logit (rule 0, MAX).
+// HEAD_MAX_MASS), or takes the block's largest logit (rule 0, MAX). An
+// optional per-(head, block) bias (the residual channels' block term) is
+// added to every logit of the block before either.
 //
 // Shapes (all contiguous):
 //   query   [R, H, P] float32, already multiplied by the softmax scale
 //   cache   [N, B, KV, P] float32 / bfloat16 / float16 (the partial keys)
 //   table   [R, M] int32 physical block ids
 //   lens    [R] int32 tokens per request (1 <= len <= M * B)
+//   bias    [R, H, M] float32 in logit units, or empty (none)
 //   out     [R, KV, M] float32, -inf past a request's last block
 
 #include <torch/extension.h>
@@ -77,7 +80,8 @@ inline void tile_logits(const float* __restrict q, const float* __restrict k,
 
 template <typename scalar_t>
 void score_requests(const float* query, const scalar_t* cache, const int32_t* table,
-                    const int32_t* lens, float* out, int64_t begin, int64_t end,
+                    const int32_t* lens, const float* bias, float* out,
+                    int64_t begin, int64_t end,
                     int64_t M, int64_t B, int64_t KV, int64_t P, int64_t G,
                     int64_t rule) {
   const bool log_mass = rule != 0;
@@ -90,7 +94,7 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
   std::vector<float> logits(G * kTile);     // [G][tile]
   std::vector<float> bmax(H * M);           // [KV][G][M]
   std::vector<float> bsum(H * M);
-  std::vector<float> best(KV * M);
+  std::vector<float> shifted(M);            // one head's block maxima + bias
   std::vector<float> mass(M);
   std::vector<float> weight(M);
   for (int64_t r = begin; r < end; ++r) {
@@ -131,19 +135,20 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
         }
         for (int64_t g = 0; g < KV; ++g) {
           tile_logits(q + g * G * P, keys.data() + g * P * kTile, logits.data(), G, P);
-          float tile_best = neg_inf;
           for (int64_t h = 0; h < G; ++h) {
             float* l = logits.data() + h * kTile;
             for (int64_t t = count; t < kTile; ++t) l[t] = neg_inf;  // past the end
             float m = neg_inf;
 #pragma omp simd reduction(max : m)
             for (int64_t t = 0; t < kTile; ++t) m = std::max(m, l[t]);
-            tile_best = std::max(tile_best, m);
-            if (!log_mass) continue;
+            float& bm = bmax[(g * G + h) * M + j];
+            if (!log_mass) {
+              bm = start == 0 ? m : std::max(bm, m);
+              continue;
+            }
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int64_t t = 0; t < kTile; ++t) s += exp_nonpositive(l[t] - m);
-            float& bm = bmax[(g * G + h) * M + j];
             float& bs = bsum[(g * G + h) * M + j];
             if (start == 0) {  // the block's first tile (the only one at B = 32)
               bm = m;
@@ -154,16 +159,20 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
               bm = top;
             }
           }
-          float& kb = best[g * M + j];
-          kb = start == 0 ? tile_best : std::max(kb, tile_best);
         }
       }
     }
     for (int64_t g = 0; g < KV; ++g) {
       float* o = out + (r * KV + g) * M;
       for (int64_t j = blocks; j < M; ++j) o[j] = neg_inf;
-      if (!log_mass) {
-        for (int64_t j = 0; j < blocks; ++j) o[j] = best[g * M + j];
+      if (!log_mass) {  // the largest (biased) block maximum of the group
+        for (int64_t j = 0; j < blocks; ++j) o[j] = neg_inf;
+        for (int64_t h = 0; h < G; ++h) {
+          const float* bm = bmax.data() + (g * G + h) * M;
+          const float* b = bias == nullptr ? nullptr : bias + (r * H + g * G + h) * M;
+          for (int64_t j = 0; j < blocks; ++j)
+            o[j] = std::max(o[j], b == nullptr ? bm[j] : bm[j] + b[j]);
+        }
         continue;
       }
       // Per head, a block's log mass is (max - head's top) + log(sum) -
@@ -176,6 +185,11 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
       for (int64_t h = 0; h < G; ++h) {
         const float* bm = bmax.data() + (g * G + h) * M;
         const float* bs = bsum.data() + (g * G + h) * M;
+        if (bias != nullptr) {  // the block term shifts the block's every logit
+          const float* b = bias + (r * H + g * G + h) * M;
+          for (int64_t j = 0; j < blocks; ++j) shifted[j] = bm[j] + b[j];
+          bm = shifted.data();
+        }
         float top = neg_inf;
 #pragma omp simd reduction(max : top)
         for (int64_t j = 0; j < blocks; ++j) top = std::max(top, bm[j]);
@@ -212,7 +226,8 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
 }  // namespace
 
 torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
-                           torch::Tensor table, torch::Tensor lens, int64_t rule) {
+                           torch::Tensor table, torch::Tensor lens, torch::Tensor bias,
+                           int64_t rule) {
   TORCH_CHECK(query.is_contiguous() && query.scalar_type() == torch::kFloat32,
               "query must be contiguous float32");
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, "cache must be [N, B, KV, P]");
@@ -223,6 +238,10 @@ torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
   const int64_t R = table.size(0), M = table.size(1);
   const int64_t B = cache.size(1), KV = cache.size(2), P = cache.size(3);
   const int64_t G = query.size(1) / KV;
+  const bool biased = bias.numel() > 0;
+  TORCH_CHECK(!biased || (bias.is_contiguous() && bias.scalar_type() == torch::kFloat32 &&
+                          bias.numel() == R * query.size(1) * M),
+              "bias must be contiguous float32 [R, H, M] or empty");
   auto out = torch::empty({R, KV, M}, query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::BFloat16, at::ScalarType::Half, cache.scalar_type(),
@@ -231,9 +250,10 @@ torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
         const scalar_t* c = cache.data_ptr<scalar_t>();
         const int32_t* t = table.data_ptr<int32_t>();
         const int32_t* n = lens.data_ptr<int32_t>();
+        const float* b = biased ? bias.data_ptr<float>() : nullptr;
         float* o = out.data_ptr<float>();
         at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-          score_requests<scalar_t>(q, c, t, n, o, begin, end, M, B, KV, P, G,
+          score_requests<scalar_t>(q, c, t, n, b, o, begin, end, M, B, KV, P, G,
                                    rule);
         });
       });

@@ -38,6 +38,9 @@ _RULE_CODES = {
     BlockScoreRule.HEAD_MAX_MASS: 2,
 }
 
+#: The C++ op's "no block bias" argument.
+_NO_BIAS = torch.empty(0)
+
 
 def _cpu_flags() -> str:
     try:
@@ -83,6 +86,7 @@ def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer |
         seq_lens: torch.Tensor,
         scale: float,
         rule: BlockScoreRule = BlockScoreRule.LOG_MASS,
+        block_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same contract as :func:`~vllm_infinigen.method.scoring.block_scores`
         (CPU tensors)."""
@@ -97,6 +101,7 @@ def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer |
             partial_key_cache.contiguous(),
             table,
             lens,
+            _NO_BIAS if block_bias is None else block_bias.float().contiguous(),
             _RULE_CODES[rule],
         )
         return result

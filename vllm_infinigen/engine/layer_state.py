@@ -19,7 +19,10 @@ from vllm_infinigen.engine.copier import SwapHandle
 from vllm_infinigen.engine.placement import BlockPlan, StagingPlan
 from vllm_infinigen.engine.stats import LayerStats
 from vllm_infinigen.method.counters import new_selection_counters
-from vllm_infinigen.method.partial_cache import new_partial_key_cache
+from vllm_infinigen.method.partial_cache import (
+    new_partial_key_cache,
+    new_residual_sums,
+)
 from vllm_infinigen.method.speculator import LayerSpeculator
 
 if TYPE_CHECKING:
@@ -73,6 +76,10 @@ class SparseLayer:
         self.partial_cache: torch.Tensor | None = None
         """``[num_blocks, block_size, num_kv_heads, d_partial]`` (allocated
         at the first KV write, when vLLM's block count is known)."""
+        self.residual_sums: torch.Tensor | None = None
+        """``[num_blocks, num_kv_heads, d_residual]`` float32 per block sums
+        of the residual keys (``None`` when the partial keys hold every
+        channel)."""
         self.counters: torch.Tensor | None = None
         """``[num_blocks]`` int64 times each block was selected."""
         self.host_cache: torch.Tensor | None = None
@@ -117,6 +124,14 @@ class SparseLayer:
                 dtype=self.runtime.partial_dtype(key.dtype),
                 device=key.device,
             )
+            self.residual_sums = None
+            if self.speculator.d_residual > 0:
+                self.residual_sums = new_residual_sums(
+                    num_blocks,
+                    self.num_kv_heads,
+                    self.speculator.d_residual,
+                    device=key.device,
+                )
             self.counters = new_selection_counters(num_blocks, key.device)
             self.tallies = self.tallies.to(key.device)
             self.budget_scale = self.budget_scale.to(key.device)

@@ -45,7 +45,7 @@ from vllm_infinigen.engine.policies.base import BlockPolicy, PolicyContext
 from vllm_infinigen.engine.policies.registry import POLICIES, make_policy
 from vllm_infinigen.engine.stats import StepStats, snapshot
 from vllm_infinigen.method.counters import count_selected_blocks
-from vllm_infinigen.method.partial_cache import write_partial_keys
+from vllm_infinigen.method.partial_cache import write_partial_keys, write_residual_sums
 from vllm_infinigen.method.recall import selected_share
 from vllm_infinigen.method.scoring import BlockScoreRule
 from vllm_infinigen.method.selection import (
@@ -112,6 +112,7 @@ def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionP
         min_blocks=config.min_blocks,
         head_reduction=HeadReduction(config.head_reduction),
         score_rule=BlockScoreRule(config.score_rule),
+        residual=config.residual_means,
     )
 
 
@@ -234,7 +235,16 @@ class InfiniGenRuntime:
             keys = keys[write.rows]
         write_partial_keys(cache, layer.speculator.partial_keys(keys), write.slots)
         # A block written from its first slot is new to its request: its
-        # counters and metadata start again (nothing stale after reuse).
+        # counters, residual sums and metadata start again (nothing stale
+        # after reuse).
+        if layer.residual_sums is not None:
+            write_residual_sums(
+                layer.residual_sums,
+                layer.speculator.residual_keys(keys),
+                write.slots,
+                self.block_size,
+                write.fresh,
+            )
         assert layer.counters is not None
         layer.counters.index_fill_(0, write.fresh, 0)
         for policy in self.policies.values():
@@ -601,6 +611,10 @@ class InfiniGenRuntime:
             0 if layer.partial_cache is None else layer.partial_cache.nbytes
             for layer in layers
         )
+        out["residual_sums_bytes"] = sum(
+            0 if layer.residual_sums is None else layer.residual_sums.nbytes
+            for layer in layers
+        )
         out["host_kv_bytes"] = sum(
             0 if layer.host_cache is None else layer.host_cache.nbytes
             for layer in layers
@@ -617,6 +631,7 @@ class InfiniGenRuntime:
         # The device tier: partial keys, tracked policies' metadata, staging.
         out["device_tier_bytes"] = (
             out["partial_cache_bytes"]
+            + out["residual_sums_bytes"]
             + sum(sum(p.metadata_bytes().values()) for p in self.policies.values())
             + (0 if self.copier is None else self.copier.staging.nbytes())
         )

@@ -36,3 +36,38 @@ def write_partial_keys(
     num_blocks, block_size, num_kv_heads, d_partial = partial_key_cache.shape
     flat = partial_key_cache.view(num_blocks * block_size, num_kv_heads, d_partial)
     flat.index_copy_(0, slot_mapping.long(), partial_keys.to(flat.dtype))
+
+
+def new_residual_sums(
+    num_blocks: int,
+    num_kv_heads: int,
+    d_residual: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``[num_blocks, num_kv_heads, d_residual]`` float32 zeros: per block,
+    the sum of its tokens' residual keys (the skewed channels the partial
+    keys leave out)."""
+    return torch.zeros(num_blocks, num_kv_heads, d_residual, device=device)
+
+
+def write_residual_sums(
+    residual_sums: torch.Tensor,
+    residual_keys: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    fresh_blocks: torch.Tensor,
+) -> None:
+    """Add new tokens' residual keys to their blocks' sums, in place.
+
+    Args:
+        residual_sums: ``[num_blocks, num_kv_heads, d_residual]`` float32.
+        residual_keys: ``[tokens, num_kv_heads, d_residual]``.
+        slot_mapping: ``[tokens]`` valid slots (padding sliced off).
+        block_size: tokens per block.
+        fresh_blocks: blocks written from their first slot in this write:
+            their sums restart from zero first (a reused block keeps nothing
+            of its previous request).
+    """
+    residual_sums.index_fill_(0, fresh_blocks.long(), 0.0)
+    blocks = torch.div(slot_mapping.long(), block_size, rounding_mode="floor")
+    residual_sums.index_add_(0, blocks, residual_keys.to(residual_sums.dtype))

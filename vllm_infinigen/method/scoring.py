@@ -77,6 +77,7 @@ def block_scores(
     scale: float,
     rule: BlockScoreRule = BlockScoreRule.LOG_MASS,
     workspace: Workspace | None = None,
+    block_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every logical block of every request.
 
@@ -104,6 +105,9 @@ def block_scores(
         scale: multiplier applied to the dot products.
         rule: see :class:`BlockScoreRule`.
         workspace: scratch buffers reused across calls (None: allocate).
+        block_bias: ``[num_reqs, num_heads, max_blocks]`` float32 added to
+            every logit of the block for that query head (in logit units,
+            :func:`residual_block_bias`), or ``None``.
 
     Returns:
         ``[num_reqs, num_kv_heads, max_blocks]`` float32; ``-inf`` for blocks
@@ -145,16 +149,70 @@ def block_scores(
     bias = space.get("bias", (num_reqs, 1, tokens), torch.float32, device)
     bias.zero_().masked_fill_(invalid[:, None, :], float("-inf"))
     logits.add_(bias)
+    blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
+    bias = None
+    if block_bias is not None:
+        bias = block_bias.float().view(num_reqs, num_kv_heads, group, max_blocks)
     if rule is BlockScoreRule.MAX:
-        blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
-        return blocks.amax(dim=4).amax(dim=2)
+        best = blocks.amax(dim=4)
+        if bias is not None:
+            best = best + bias
+        return best.amax(dim=2)
     # Block masses in the log domain: with attention sinks at long contexts
     # most blocks lie more than ~100 nats below the best one, where exp()
     # underflows and every such block would score -inf (ties: the ranking
     # among them would be lost).
-    blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
     block_lse = torch.logsumexp(blocks, dim=4)  # [R, kv, group, M]
+    if bias is not None:
+        block_lse = block_lse + bias  # -inf past the end stays -inf
     log_mass = block_lse - torch.logsumexp(block_lse, dim=-1, keepdim=True)
     if rule is BlockScoreRule.HEAD_MAX_MASS:
         return log_mass.amax(dim=2)
     return torch.logsumexp(log_mass, dim=2) - math.log(group)
+
+
+def residual_block_bias(
+    query_residual: torch.Tensor,
+    residual_sums: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Each block's residual term: ``scale * <q_res[r, h], mean of the block's
+    residual keys>``, the part of every logit of the block that the partial
+    channels leave out, taken at the block's mean key.
+
+    Args:
+        query_residual: ``[num_reqs, num_heads, d_residual]`` the queries'
+            residual channels (query head ``h`` reads KV head ``h // group``).
+        residual_sums: ``[num_blocks, num_kv_heads, d_residual]`` float32 sums
+            of each block's residual keys.
+        block_table: ``[num_reqs, max_blocks]`` physical block ids (negative
+            entries read block 0).
+        seq_lens: ``[num_reqs]`` tokens per request (the last block holds
+            ``seq_len - (n - 1) * block_size`` of them).
+        block_size: tokens per block.
+        scale: the attention's softmax scale.
+
+    Returns:
+        ``[num_reqs, num_heads, max_blocks]`` float32 (0 past a request's
+        end, where the scores are ``-inf`` anyway).
+    """
+    num_reqs, max_blocks = block_table.shape
+    _, num_kv_heads, d_residual = residual_sums.shape
+    num_heads = query_residual.shape[1]
+    group = num_heads // num_kv_heads
+    ids = block_table.reshape(-1).clamp(min=0).long()
+    sums = residual_sums.index_select(0, ids).view(
+        num_reqs, max_blocks, num_kv_heads, d_residual
+    )
+    q = query_residual.float().reshape(num_reqs, num_kv_heads, group, d_residual)
+    # [R, kv, group, M]: one batched product per KV head.
+    dots = torch.einsum("rkgc,rmkc->rkgm", q, sums)
+    start = torch.arange(max_blocks, device=seq_lens.device) * block_size
+    filled = (seq_lens.long()[:, None] - start[None, :]).clamp(0, block_size)
+    inverse = torch.where(
+        filled > 0, scale / filled.clamp(min=1).float(), torch.zeros((), device=seq_lens.device)
+    )
+    return (dots * inverse[:, None, None, :]).reshape(num_reqs, num_heads, max_blocks)

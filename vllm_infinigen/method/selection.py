@@ -85,6 +85,9 @@ class SelectionPolicy:
         score_rule: the block score rule the scores were made with (read by
             the caller of :func:`~.scoring.block_scores`; kept here so one
             object carries every selection option).
+        residual: the scores include each block's residual term
+            (:func:`~.scoring.residual_block_bias`), read like ``score_rule``
+            by the caller of the scorer.
     """
 
     # Defaults measured on Qwen2.5-Coder-0.5B, 1536-token prompt, block size
@@ -100,6 +103,7 @@ class SelectionPolicy:
     min_blocks: int = DEFAULT_CONFIG.min_blocks
     head_reduction: HeadReduction = HeadReduction.MEAN
     score_rule: BlockScoreRule = BlockScoreRule.LOG_MASS
+    residual: bool = True
 
     def __post_init__(self) -> None:
         if not self.alpha >= 0.0:

@@ -188,6 +188,21 @@ class LayerSkew:
         index = self.channels[:, None, :].expand(-1, self.head_dim, -1)
         return torch.gather(self.skew, 2, index)
 
+    def residual_channels(self) -> torch.Tensor:
+        """The skewed channels left out of the partial keys, ascending per
+        head: ``[num_kv_heads, head_dim - d_partial]`` int64."""
+        kept = torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.bool)
+        kept.scatter_(1, self.channels, True)
+        rest = torch.arange(self.head_dim).expand(self.num_kv_heads, -1)
+        return rest[~kept].view(self.num_kv_heads, self.head_dim - self.d_partial)
+
+    def residual_basis(self) -> torch.Tensor:
+        """``A[:, :, residual channels]``: ``[num_kv_heads, head_dim,
+        head_dim - d_partial]``."""
+        rest = self.residual_channels()
+        index = rest[:, None, :].expand(-1, self.head_dim, -1)
+        return torch.gather(self.skew, 2, index)
+
 
 def fit_layer_skew(
     queries: torch.Tensor,

@@ -6,6 +6,12 @@ Speculation for layer ``L`` runs on layer ``L-1``'s attention input ``x``
 same columns of the real post-RoPE keys of layer ``L``: ``k' = (k A)[...,
 channels]``.
 
+The channels left out (``head_dim - d_partial`` of them) enter the block
+scores through each block's *mean* residual key (``engine`` keeps per block
+the sum of ``(k A)[..., residual channels]`` over its tokens): a query's
+residual part times that mean is added to every logit of the block, at a
+cost per block, not per token (``docs/method.md``, "Residual block means").
+
 Two ways to compute ``q'`` (chosen by :meth:`LayerSpeculator.build`):
 
 * **rotated** (RoPE or a head norm present): RoPE mixes channel pairs ``(i,
@@ -59,6 +65,9 @@ class LayerSpeculator:
     rope: RotaryFn | None
     q_norm: HeadNormFn | None
     folded: bool
+    residual_basis: torch.Tensor | None = None
+    """``[num_kv_heads, head_dim, head_dim - d_partial]`` = ``A[:, :,
+    residual channels]``; ``None``: scores use the partial channels only."""
 
     @classmethod
     def build(
@@ -104,6 +113,7 @@ class LayerSpeculator:
             rope=rope,
             q_norm=q_norm,
             folded=folded,
+            residual_basis=layer_skew.residual_basis().to(q_weight.dtype),
         )
 
     @property
@@ -118,6 +128,13 @@ class LayerSpeculator:
     def d_partial(self) -> int:
         return self.layer_skew.d_partial
 
+    @property
+    def d_residual(self) -> int:
+        """Skewed channels left out of the partial keys (0: none, or no
+        residual basis)."""
+        basis = self.residual_basis
+        return 0 if basis is None else int(basis.shape[2])
+
     def speculate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Speculated partial queries of this layer.
 
@@ -128,18 +145,31 @@ class LayerSpeculator:
         Returns:
             ``[tokens, num_heads, d_partial]`` in ``query_weight``'s dtype.
         """
-        tokens = x.shape[0]
+        full = self.speculate_full(x, positions)
+        if full is not None:
+            return self.partial_query(full)
         q = torch.nn.functional.linear(
             x.to(self.query_weight.dtype), self.query_weight, self.query_bias
         )
+        return q.view(x.shape[0], self.num_heads, self.d_partial)
+
+    def speculate_full(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The whole speculated query ``[tokens, num_heads, head_dim]`` (rotated
+        mode), or ``None`` in folded mode, where only the partial channels are
+        computed (:meth:`speculate`)."""
         if self.folded:
-            return q.view(tokens, self.num_heads, self.d_partial)
-        q = q.view(tokens, self.num_heads, self.head_dim)
+            return None
+        tokens = x.shape[0]
+        q = torch.nn.functional.linear(
+            x.to(self.query_weight.dtype), self.query_weight, self.query_bias
+        ).view(tokens, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rope is not None:
             q = self.rope(positions, q)
-        return self.partial_query(q)
+        return q
 
     def partial_query(self, query: torch.Tensor) -> torch.Tensor:
         """The partial channels of this layer's real (post-RoPE) queries.
@@ -155,6 +185,24 @@ class LayerSpeculator:
         q = query.reshape(tokens, self.num_kv_heads, group, self.head_dim)
         out = torch.einsum("tkgd,kdp->tkgp", q, self.key_basis.to(query.dtype))
         return out.reshape(tokens, self.num_heads, self.d_partial)
+
+    def residual_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The residual channels of real (post-RoPE) queries: ``[tokens,
+        num_heads, head_dim] -> [tokens, num_heads, d_residual]``."""
+        assert self.residual_basis is not None
+        tokens = query.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        q = query.reshape(tokens, self.num_kv_heads, group, self.head_dim)
+        basis = self.residual_basis.to(query.dtype)
+        out = torch.einsum("tkgd,kdp->tkgp", q, basis)
+        return out.reshape(tokens, self.num_heads, self.d_residual)
+
+    def residual_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """The residual channels of post-RoPE keys: ``[tokens, num_kv_heads,
+        head_dim] -> [tokens, num_kv_heads, d_residual]``."""
+        assert self.residual_basis is not None
+        basis = self.residual_basis.to(keys.dtype)
+        return torch.bmm(keys.transpose(0, 1), basis).transpose(0, 1)
 
     def partial_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """Partial keys to store in the partial key cache.
