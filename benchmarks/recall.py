@@ -213,6 +213,14 @@ def selection_study() -> list[Setting]:
                 True,
             ),
             ("ratio_0.5", Variant(0.5, True), default, True),
+            ("no_residual", main, replace(default, residual=False), True),
+            (
+                "ratio_0.5_no_residual",
+                Variant(0.5, True),
+                replace(default, residual=False),
+                True,
+            ),
+            ("ratio_0.2", Variant(0.2, True), default, True),
         ]
         for group, variant, pol, real in changes:
             settings.append(Setting(variant, 32, pol, group, real))
@@ -240,6 +248,7 @@ def policy_dict(policy: SelectionPolicy) -> dict[str, Any]:
         "recent_share": policy.recent_share,
         "head_reduction": policy.head_reduction.value,
         "score_rule": policy.score_rule.value,
+        "residual": policy.residual,
     }
 
 

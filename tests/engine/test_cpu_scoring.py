@@ -44,6 +44,23 @@ def test_fused_scores_match_reference(
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
+@pytest.mark.parametrize("seed", range(3))
+def test_fused_block_bias_matches_reference(
+    scorer, rule: BlockScoreRule, seed: int
+) -> None:  # type: ignore[no-untyped-def]
+    query, cache, table, seq_lens = _case(seed, 32, torch.float32)
+    gen = torch.Generator().manual_seed(100 + seed)
+    bias = torch.randn(table.shape[0], query.shape[1], table.shape[1], generator=gen) * 4
+    want = block_scores(query, cache, table, seq_lens, 0.125, rule, block_bias=bias)
+    got = scorer(query, cache, table, seq_lens, 0.125, rule, block_bias=bias)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The bias changes the scores (a test that could not fail otherwise).
+    plain = scorer(query, cache, table, seq_lens, 0.125, rule)
+    assert not torch.allclose(plain[torch.isfinite(plain)], got[torch.isfinite(got)])
+
+
 def test_half_precision_partial_keys(scorer) -> None:  # type: ignore[no-untyped-def]
     query, cache, table, seq_lens = _case(7, 32, torch.bfloat16)
     want = block_scores(query, cache.float(), table, seq_lens, 0.125)

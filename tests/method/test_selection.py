@@ -15,9 +15,15 @@ from vllm_infinigen.method.counters import (
 )
 from vllm_infinigen.method.partial_cache import (
     new_partial_key_cache,
+    new_residual_sums,
     write_partial_keys,
+    write_residual_sums,
 )
-from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
+from vllm_infinigen.method.scoring import (
+    BlockScoreRule,
+    block_scores,
+    residual_block_bias,
+)
 from vllm_infinigen.method.selection import (
     PAD,
     HeadReduction,
@@ -374,6 +380,56 @@ def test_write_partial_keys_places_tokens_at_their_slots() -> None:
     torch.testing.assert_close(cache[2, 4], keys[3])
     torch.testing.assert_close(cache[1, 0], keys[4])
     assert int((cache != 0).any(dim=(2, 3)).sum()) == 5
+
+
+def test_residual_sums_restart_when_a_block_is_written_from_its_first_slot() -> None:
+    sums = new_residual_sums(4, 2, 3)
+    first = torch.randn(4, 2, 3)
+    slots = torch.tensor([8, 9, 10, 11])  # block 2, from its first slot
+    write_residual_sums(sums, first, slots, 4, torch.tensor([2]))
+    torch.testing.assert_close(sums[2], first.sum(0))
+    more = torch.randn(2, 2, 3)
+    write_residual_sums(sums, more, torch.tensor([12, 13]), 4, torch.tensor([3]))
+    torch.testing.assert_close(sums[2], first.sum(0))  # untouched
+    # Block 2 reused by another request: written from slot 0 again.
+    again = torch.randn(2, 2, 3)
+    write_residual_sums(sums, again, torch.tensor([8, 9]), 4, torch.tensor([2]))
+    torch.testing.assert_close(sums[2], again.sum(0))
+    torch.testing.assert_close(sums[3], more.sum(0))
+
+
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
+def test_residual_term_is_exact_when_blocks_share_their_residual_key(
+    rule: BlockScoreRule,
+) -> None:
+    """Partial keys plus the block-mean residual term score exactly like the
+    whole keys when every token of a block has the same residual channels;
+    the last, partly filled block divides by its own fill."""
+    gen = torch.Generator().manual_seed(5)
+    block, kv, group, p, e = 8, 2, 3, 4, 3
+    num_blocks, seq_lens = 12, torch.tensor([29, 8, 17])
+    table = torch.randperm(num_blocks, generator=gen).view(3, 4)  # no block shared
+    partial = torch.randn(num_blocks, block, kv, p, generator=gen)
+    per_block = torch.randn(num_blocks, 1, kv, e, generator=gen) * 3
+    residual = per_block.expand(num_blocks, block, kv, e)
+    sums = new_residual_sums(num_blocks, kv, e)
+    for r, n in enumerate(seq_lens.tolist()):  # each request's tokens, in order
+        slots = table[r, torch.arange(n) // block] * block + torch.arange(n) % block
+        fresh = slots[slots % block == 0] // block
+        write_residual_sums(
+            sums, residual.reshape(-1, kv, e)[slots], slots, block, fresh
+        )
+    query = torch.randn(3, kv * group, p + e, generator=gen)
+    bias = residual_block_bias(query[..., p:], sums, table, seq_lens, block, 0.5)
+    got = block_scores(
+        query[..., :p].contiguous(), partial, table, seq_lens, 0.5, rule, block_bias=bias
+    )
+    whole = torch.cat([partial, residual], dim=-1)
+    want = block_scores(query, whole, table, seq_lens, 0.5, rule)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = block_scores(query[..., :p].contiguous(), partial, table, seq_lens, 0.5, rule)
+    assert not torch.allclose(plain[torch.isfinite(plain)], want[torch.isfinite(want)])
 
 
 def test_selected_mass_share_sums_the_chosen_blocks_mass() -> None:

@@ -169,3 +169,37 @@ def test_rotary_depends_on_relative_position_only() -> None:
         rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])),
         torch.tensor([-3.0, -4.0, 1.0, 2.0]),
     )
+
+
+@pytest.mark.parametrize("rope", [NeoxRotary(HEAD_DIM), None])
+def test_partial_and_residual_channels_make_the_whole_logit(
+    rope: NeoxRotary | None,
+) -> None:
+    """The residual channels are the skewed channels the partial keys leave
+    out: partial plus residual products give the exact logits."""
+    proj = _projection(rope, seed=3)
+    spec, x, pos = _speculator(proj, ratio=0.25)
+    assert spec.d_partial + spec.d_residual == HEAD_DIM
+    q, k = proj.queries(x, pos), proj.keys(x, pos)
+    logits = spec.partial_query(q).unsqueeze(2) @ spec.partial_keys(k).repeat_interleave(
+        HEADS // KV_HEADS, dim=1
+    ).permute(1, 2, 0).unsqueeze(0)
+    residual = spec.residual_query(q).unsqueeze(2) @ spec.residual_keys(k).repeat_interleave(
+        HEADS // KV_HEADS, dim=1
+    ).permute(1, 2, 0).unsqueeze(0)
+    exact = q.unsqueeze(2) @ k.repeat_interleave(HEADS // KV_HEADS, dim=1).permute(
+        1, 2, 0
+    ).unsqueeze(0)
+    torch.testing.assert_close(logits + residual, exact, atol=2e-3, rtol=1e-4)
+    assert not torch.allclose(logits, exact, atol=1e-2)  # the partial part alone is not
+
+
+def test_speculate_full_is_the_rotated_query() -> None:
+    proj = _projection(NeoxRotary(HEAD_DIM), seed=4)
+    spec, x, pos = _speculator(proj)
+    full = spec.speculate_full(x, pos)
+    assert full is not None
+    torch.testing.assert_close(spec.partial_query(full), spec.speculate(x, pos))
+    torch.testing.assert_close(full, proj.queries(x, pos), atol=1e-4, rtol=1e-4)
+    folded, _, _ = _speculator(_projection(None, seed=4))
+    assert folded.folded and folded.speculate_full(x, pos) is None

@@ -23,7 +23,7 @@ import torch
 
 from .calibration import AttentionProjection
 from .partial_cache import new_partial_key_cache, write_partial_keys
-from .scoring import block_scores
+from .scoring import block_scores, residual_block_bias
 from .selection import (
     BlockSelection,
     SelectionPolicy,
@@ -195,6 +195,38 @@ def build_paged_cache(
     return cache, table
 
 
+def residual_bias_of_requests(
+    speculator: LayerSpeculator,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """The residual block term (:func:`~.scoring.residual_block_bias`) of
+    requests that read one sequence's first ``seq_lens[r]`` tokens, each
+    block's sum over the request's own tokens only (as the engine holds it).
+
+    Args:
+        queries: ``[num_reqs, num_heads, head_dim]`` whole (post-RoPE) queries.
+        keys: ``[tokens, num_kv_heads, head_dim]`` the sequence's keys.
+
+    Returns:
+        ``[num_reqs, num_heads, max_blocks]`` float32.
+    """
+    residual = speculator.residual_keys(keys).float()
+    num_reqs = seq_lens.shape[0]
+    max_blocks = -(-keys.shape[0] // block_size)
+    sums = torch.zeros(num_reqs * max_blocks, *residual.shape[1:])
+    for r, n in enumerate(seq_lens.tolist()):
+        blocks = r * max_blocks + torch.arange(n) // block_size
+        sums.index_add_(0, blocks, residual[:n])
+    table = torch.arange(num_reqs * max_blocks).view(num_reqs, max_blocks)
+    return residual_block_bias(
+        speculator.residual_query(queries), sums, table, seq_lens, block_size, scale
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class LayerRecall:
     """Per-request results of one layer (all ``[num_reqs]`` float64).
@@ -253,7 +285,15 @@ def evaluate_layer(
     cache, table = build_paged_cache(
         speculator.partial_keys(keys), block_size, num_reqs, generator
     )
-    scores = block_scores(q_spec, cache, table, seq_lens, scale, policy.score_rule)
+    bias = None
+    whole = queries if real_query else speculator.speculate_full(prev_x, eval_positions)
+    if policy.residual and speculator.d_residual > 0 and whole is not None:
+        bias = residual_bias_of_requests(
+            speculator, whole, keys, seq_lens, block_size, scale
+        )
+    scores = block_scores(
+        q_spec, cache, table, seq_lens, scale, policy.score_rule, block_bias=bias
+    )
     chosen = select_blocks(scores, seq_lens, block_size, policy)
     mass = attention_block_mass(queries, keys, seq_lens, block_size, scale)
     counts = chosen.counts
