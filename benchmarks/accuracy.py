@@ -1136,6 +1136,26 @@ def model_name(result: dict[str, Any]) -> str:
     return str(result.get("model_name") or Path(result["model"]).name)
 
 
+#: Document kinds pooled into one perplexity: the book is natural text too.
+POOLS = {"natural text": ("text", "book"), "code": ("code",)}
+
+
+def pooled_by_kind(result: dict[str, Any], config: dict[str, Any]) -> dict[str, float]:
+    """Perplexity of every scored token of the documents of each pool of
+    :data:`POOLS` (``exp`` of their mean NLL), from the per-document
+    perplexities and scored-token counts."""
+    out = {}
+    docs = [r for r in result["requests"] if r["task"] == "perplexity"]
+    per_doc = config["perplexity_per_document"]
+    for pool, kinds in POOLS.items():
+        chosen = [r for r in docs if r["kind"] in kinds and r["name"] in per_doc]
+        tokens = sum(r["scored_tokens"] for r in chosen)
+        if tokens:
+            nll = sum(r["scored_tokens"] * math.log(per_doc[r["name"]]) for r in chosen)
+            out[pool] = math.exp(nll / tokens)
+    return out
+
+
 def tables(result: dict[str, Any]) -> str:
     """Markdown: one row per configuration (blocks read, pooled perplexity
     per group, accuracy per retrieval task, greedy agreement); perplexity
@@ -1176,6 +1196,20 @@ def tables(result: dict[str, Any]) -> str:
         ],
     )
 
+    dense_pooled = pooled_by_kind(result, dense)
+    pooled = _table(
+        ["policy", "budget", "blocks read"]
+        + [f"{pool} ({' + '.join(POOLS[pool])})" for pool in dense_pooled],
+        [
+            name(c)
+            + [
+                f"{value:.2f} ({100 * (value / dense_pooled[pool] - 1):+.1f}%)"
+                for pool, value in pooled_by_kind(result, c).items()
+            ]
+            for c in configs
+        ],
+    )
+
     def stats(s: dict[str, float]) -> str:
         return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
@@ -1213,6 +1247,9 @@ def tables(result: dict[str, Any]) -> str:
         + main
         + "\n\nPooled perplexity against dense:\n\n"
         + relative
+        + "\n\nPooled by kind (every scored token of the kind's documents), "
+        + "against dense:\n\n"
+        + pooled
         + "\n\nPer-document perplexity, mean ± std (min-max):\n\n"
         + per_doc
         + "\n\nRetrieval by context length ("

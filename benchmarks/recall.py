@@ -11,6 +11,7 @@ size. Writes ``benchmarks/results/recall.json`` and ``recall.png`` (``--quick``:
     python benchmarks/recall.py            # full grid (2-7 min on 2 cores)
     python benchmarks/recall.py --quick    # headline settings (~2 min)
     python benchmarks/recall.py --study selection [--model gemma3-270m]
+    python benchmarks/recall.py --study selection --eval-file FILE --eval-tokens 4096
 
 ``--study selection`` (``recall_selection[_MODEL].json``, no plot) compares
 the selection variants of ``docs/method.md`` at 10/20/30% with the engine's
@@ -335,6 +336,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few settings")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--eval-tokens", type=int, default=1536)
+    parser.add_argument(
+        "--eval-file",
+        type=Path,
+        default=EVAL_TEXT,
+        help="evaluation text (default: the PG-19 excerpt; e.g. a standard-library "
+        "module's source for code at 4K tokens)",
+    )
     parser.add_argument("--positions", type=int, default=None)
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -365,7 +373,7 @@ def main() -> None:
     ]
     t_calib_forward = time.perf_counter() - t0
 
-    eval_ids = tok(EVAL_TEXT.read_text(encoding="utf-8"), return_tensors="pt")
+    eval_ids = tok(args.eval_file.read_text(encoding="utf-8"), return_tensors="pt")
     eval_ids = eval_ids["input_ids"][0][: args.eval_tokens]
     tokens = eval_ids.shape[0]
     eval_positions = torch.arange(tokens - positions, tokens)
@@ -440,7 +448,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "model": args.model,
-        "eval_text": "pg19_firstbook.txt (../shared/data)",
+        "eval_text": args.eval_file.name,
         "eval_tokens": tokens,
         "eval_positions": eval_positions.tolist(),
         "calibration_text": "stdlib (default_calibration_text)",
@@ -458,6 +466,8 @@ def main() -> None:
     }
     if args.study == "selection":
         suffix = "" if args.model == DEFAULT_MODEL else f"_{args.model}"
+        if args.eval_file != EVAL_TEXT:
+            suffix += f"_{args.eval_file.stem}_{tokens}"
         json_path = args.out / f"recall_selection{suffix}.json"
         json_path.write_text(json.dumps(report, indent=1))
         print(selection_table(results))

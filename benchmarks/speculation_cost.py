@@ -5,7 +5,9 @@ Times, per layer and decode step on Qwen2.5-Coder-0.5B's shapes (14 query
 heads, 2 KV heads, head_dim 64, hidden 896, 20 partial channels, 32-token
 blocks, float32), single-threaded like vLLM's CPU worker:
 
-- InfiniGen's selection stages: speculated query, block scores (the fused
+- InfiniGen's selection stages: speculated query, the residual block term
+  (``residual_block_bias``: the query's residual channels against each
+  block's residual sum), block scores (the fused
   CPU scorer the runtime uses, ``engine/cpu_scoring.py``; the torch ops of
   ``method/scoring.py`` with a reused workspace are timed next to it),
   selection, in-place plan, counters;
@@ -43,7 +45,7 @@ from vllm_infinigen.engine.cpu_scoring import load_block_scorer
 from vllm_infinigen.engine.placement import plan_in_place, plan_staging
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.rotary import NeoxRotary
-from vllm_infinigen.method.scoring import Workspace, block_scores
+from vllm_infinigen.method.scoring import Workspace, block_scores, residual_block_bias
 from vllm_infinigen.method.selection import SelectionPolicy, select_blocks
 from vllm_infinigen.method.skew import LayerSkew
 from vllm_infinigen.method.speculator import LayerSpeculator
@@ -128,6 +130,8 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
     num_blocks = blocks * batch + 8
     shape = (num_blocks, block_size, KV_HEADS, D_PARTIAL)
     partial = [torch.randn(shape, generator=gen) for _ in range(layers)]
+    residual_shape = (num_blocks, KV_HEADS, speculator.d_residual)
+    sums = [torch.randn(residual_shape, generator=gen) for _ in range(layers)]
     # vLLM's CPU cache layout: [num_blocks, kv_heads, block_size, 2 * head_dim].
     host_shape = (num_blocks, KV_HEADS, block_size, 2 * HEAD_DIM)
     host = [torch.randn(host_shape, generator=gen) for _ in range(layers)]
@@ -141,12 +145,24 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
     space = Workspace()
     scale = HEAD_DIM**-0.5
 
-    query = speculator.speculate(x, positions)
+    whole = speculator.speculate_full(x, positions)
+    assert whole is not None
+    query = speculator.partial_query(whole)
+    q_residual = speculator.residual_query(whole)
+
+    def residual(i: int) -> torch.Tensor:
+        return residual_block_bias(
+            q_residual, sums[i], table, seq_lens, block_size, scale
+        )
+
+    bias = residual(0)
     fused = load_block_scorer(print)
-    scores = block_scores(query, partial[0], table, seq_lens, scale, workspace=space)
+    scores = block_scores(
+        query, partial[0], table, seq_lens, scale, workspace=space, block_bias=bias
+    )
     if fused is not None:
         torch.testing.assert_close(
-            fused(query, partial[0], table, seq_lens, scale),
+            fused(query, partial[0], table, seq_lens, scale, block_bias=bias),
             scores,
             rtol=1e-4,
             atol=1e-4,
@@ -156,9 +172,10 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
     staged = plan_staging(selection, table, seq_lens, block_size)
     stages = {
         "query_ms": _time_ms(lambda i: speculator.speculate(x, positions), 1, repeats),
+        "residual_ms": _time_ms(residual, layers, repeats),
         "scores_ms": _time_ms(
             lambda i: (fused or block_scores)(
-                query, partial[i], table, seq_lens, scale
+                query, partial[i], table, seq_lens, scale, block_bias=bias
             ),
             layers,
             repeats,

@@ -298,10 +298,35 @@ def test_score_pools_and_spreads_and_tables_render(qwen: Any) -> None:
         "dtype": "float32",
         "model": str(Path("x") / QWEN),
         "configs": configs,
+        "requests": [
+            {"task": "perplexity", "name": n, "kind": "code", "scored_tokens": 2}
+            for n in ("code-8:a", "code-8:b")
+        ],
     }
     text = acc.tables(result)
     assert "| infinigen | 0.2 | 0.200 | 7.39 | 1.00 |" in text
+    # pooled by kind: both documents' tokens, exp((2 * 1 + 2 * 3) / 4)
+    assert "| infinigen | 0.2 | 0.200 | 7.39 (+0.0%) |" in text
     assert "+0.0%" in text and "± " in text and "distractor 8" in text
+
+
+def test_book_pools_with_natural_text_by_scored_tokens() -> None:
+    requests = [
+        {"task": "perplexity", "name": "text-8:a", "kind": "text", "scored_tokens": 3},
+        {"task": "perplexity", "name": "book-8:b", "kind": "book", "scored_tokens": 1},
+        {"task": "perplexity", "name": "code-8:c", "kind": "code", "scored_tokens": 2},
+        {"task": "passkey", "name": "p", "kind": None, "scored_tokens": 0},
+    ]
+    config = {
+        "perplexity_per_document": {
+            "text-8:a": math.exp(1.0),
+            "book-8:b": math.exp(5.0),
+            "code-8:c": math.exp(2.0),
+        }
+    }
+    pooled = acc.pooled_by_kind({"requests": requests}, config)
+    assert pooled["natural text"] == pytest.approx(math.exp((3 * 1.0 + 5.0) / 4))
+    assert pooled["code"] == pytest.approx(math.exp(2.0))
 
 
 def test_quick_plan_fits_in_15_minutes(quick: list[Any]) -> None:

@@ -51,7 +51,9 @@ def test_fused_block_bias_matches_reference(
 ) -> None:  # type: ignore[no-untyped-def]
     query, cache, table, seq_lens = _case(seed, 32, torch.float32)
     gen = torch.Generator().manual_seed(100 + seed)
-    bias = torch.randn(table.shape[0], query.shape[1], table.shape[1], generator=gen) * 4
+    bias = (
+        torch.randn(table.shape[0], query.shape[1], table.shape[1], generator=gen) * 4
+    )
     want = block_scores(query, cache, table, seq_lens, 0.125, rule, block_bias=bias)
     got = scorer(query, cache, table, seq_lens, 0.125, rule, block_bias=bias)
     assert torch.equal(torch.isinf(got), torch.isinf(want))

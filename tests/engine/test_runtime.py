@@ -138,6 +138,26 @@ def test_kv_write_stores_partial_keys_at_their_slots() -> None:
             torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
 
 
+def test_kv_write_keeps_each_blocks_residual_sum_and_restarts_it_on_reuse() -> None:
+    world = World([9, 21])
+    layer = world.layer(1)
+    assert layer.residual_sums is not None
+    spec = layer.speculator
+    for r, key in enumerate(world.keys[1]):
+        for j in range((key.shape[0] + BLOCK - 1) // BLOCK):
+            want = spec.residual_keys(key[j * BLOCK : (j + 1) * BLOCK]).sum(0)
+            got = layer.residual_sums[int(world.table[r, j])]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Request 0's first block is freed and reused by a new request: written
+    # from its first slot again, it holds only the new tokens.
+    block = int(world.table[0, 0])
+    new = torch.randn(3, KV, DIM, generator=torch.Generator().manual_seed(3))
+    world.write(1, 0, new, 0)
+    torch.testing.assert_close(
+        layer.residual_sums[block], spec.residual_keys(new).sum(0), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_full_budget_in_place_takes_the_dense_path() -> None:
     world = World([30, 41], budget=1.0)
     world.prepare(1)
@@ -240,7 +260,12 @@ def test_sparse_read_in_place_matches_the_method(policy: str) -> None:
         assert full is not None and layer.partial_cache is not None
         assert layer.residual_sums is not None
         bias = residual_block_bias(
-            spec.residual_query(full), layer.residual_sums, table, world.seq_lens, BLOCK, 0.5
+            spec.residual_query(full),
+            layer.residual_sums,
+            table,
+            world.seq_lens,
+            BLOCK,
+            0.5,
         )
         scores = block_scores(
             spec.partial_query(full),

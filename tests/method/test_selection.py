@@ -422,13 +422,21 @@ def test_residual_term_is_exact_when_blocks_share_their_residual_key(
     query = torch.randn(3, kv * group, p + e, generator=gen)
     bias = residual_block_bias(query[..., p:], sums, table, seq_lens, block, 0.5)
     got = block_scores(
-        query[..., :p].contiguous(), partial, table, seq_lens, 0.5, rule, block_bias=bias
+        query[..., :p].contiguous(),
+        partial,
+        table,
+        seq_lens,
+        0.5,
+        rule,
+        block_bias=bias,
     )
     whole = torch.cat([partial, residual], dim=-1)
     want = block_scores(query, whole, table, seq_lens, 0.5, rule)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    plain = block_scores(query[..., :p].contiguous(), partial, table, seq_lens, 0.5, rule)
+    plain = block_scores(
+        query[..., :p].contiguous(), partial, table, seq_lens, 0.5, rule
+    )
     assert not torch.allclose(plain[torch.isfinite(plain)], want[torch.isfinite(want)])
 
 

@@ -181,12 +181,12 @@ def test_partial_and_residual_channels_make_the_whole_logit(
     spec, x, pos = _speculator(proj, ratio=0.25)
     assert spec.d_partial + spec.d_residual == HEAD_DIM
     q, k = proj.queries(x, pos), proj.keys(x, pos)
-    logits = spec.partial_query(q).unsqueeze(2) @ spec.partial_keys(k).repeat_interleave(
-        HEADS // KV_HEADS, dim=1
-    ).permute(1, 2, 0).unsqueeze(0)
-    residual = spec.residual_query(q).unsqueeze(2) @ spec.residual_keys(k).repeat_interleave(
-        HEADS // KV_HEADS, dim=1
-    ).permute(1, 2, 0).unsqueeze(0)
+    logits = spec.partial_query(q).unsqueeze(2) @ spec.partial_keys(
+        k
+    ).repeat_interleave(HEADS // KV_HEADS, dim=1).permute(1, 2, 0).unsqueeze(0)
+    residual = spec.residual_query(q).unsqueeze(2) @ spec.residual_keys(
+        k
+    ).repeat_interleave(HEADS // KV_HEADS, dim=1).permute(1, 2, 0).unsqueeze(0)
     exact = q.unsqueeze(2) @ k.repeat_interleave(HEADS // KV_HEADS, dim=1).permute(
         1, 2, 0
     ).unsqueeze(0)

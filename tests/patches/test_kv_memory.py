@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from vllm_infinigen.method.partial_cache import new_partial_key_cache, new_residual_sums
 from vllm_infinigen.patches.kv_memory import device_tier_share, host_tier_bytes
 
 
@@ -17,6 +19,27 @@ def test_share_of_qwen_shapes() -> None:
 def test_in_place_reads_need_no_staging_room() -> None:
     share = device_tier_share(24, 64, [20] * 23, staging=False)
     assert share == pytest.approx(23 * 20 / (24 * 2 * 64))
+
+
+def test_share_covers_what_the_device_tier_allocates() -> None:
+    """The share times the host tier's bytes equals the bytes the runtime
+    allocates per sparse layer (partial keys and residual sums), measured
+    from the tensors themselves: 24 layers, 23 sparse, bfloat16 KV."""
+    layers, sparse, kv, head_dim, block, blocks, d_partial = 24, 23, 2, 64, 32, 10, 20
+    host = torch.empty(blocks, kv, block, 2 * head_dim, dtype=torch.bfloat16)
+    partial = new_partial_key_cache(blocks, block, kv, d_partial, dtype=torch.bfloat16)
+    sums = new_residual_sums(blocks, kv, head_dim - d_partial)
+    share = device_tier_share(
+        layers,
+        head_dim,
+        [d_partial] * sparse,
+        staging=False,
+        residual_dims=[head_dim - d_partial] * sparse,
+        block_size=block,
+        residual_itemsize_ratio=4 / 2,
+    )
+    allocated = sparse * (partial.nbytes + sums.nbytes)
+    assert share * layers * host.nbytes == pytest.approx(allocated)
 
 
 def test_no_sparse_layer_needs_no_room() -> None:

@@ -150,21 +150,21 @@ def block_scores(
     bias.zero_().masked_fill_(invalid[:, None, :], float("-inf"))
     logits.add_(bias)
     blocks = logits.view(num_reqs, num_kv_heads, group, max_blocks, block_size)
-    bias = None
+    shift = None  # the residual term, per (request, KV head, head, block)
     if block_bias is not None:
-        bias = block_bias.float().view(num_reqs, num_kv_heads, group, max_blocks)
+        shift = block_bias.float().view(num_reqs, num_kv_heads, group, max_blocks)
     if rule is BlockScoreRule.MAX:
         best = blocks.amax(dim=4)
-        if bias is not None:
-            best = best + bias
+        if shift is not None:
+            best = best + shift
         return best.amax(dim=2)
     # Block masses in the log domain: with attention sinks at long contexts
     # most blocks lie more than ~100 nats below the best one, where exp()
     # underflows and every such block would score -inf (ties: the ranking
     # among them would be lost).
     block_lse = torch.logsumexp(blocks, dim=4)  # [R, kv, group, M]
-    if bias is not None:
-        block_lse = block_lse + bias  # -inf past the end stays -inf
+    if shift is not None:
+        block_lse = block_lse + shift  # -inf past the end stays -inf
     log_mass = block_lse - torch.logsumexp(block_lse, dim=-1, keepdim=True)
     if rule is BlockScoreRule.HEAD_MAX_MASS:
         return log_mass.amax(dim=2)
@@ -213,6 +213,8 @@ def residual_block_bias(
     start = torch.arange(max_blocks, device=seq_lens.device) * block_size
     filled = (seq_lens.long()[:, None] - start[None, :]).clamp(0, block_size)
     inverse = torch.where(
-        filled > 0, scale / filled.clamp(min=1).float(), torch.zeros((), device=seq_lens.device)
+        filled > 0,
+        scale / filled.clamp(min=1).float(),
+        torch.zeros((), device=seq_lens.device),
     )
     return (dots * inverse[:, None, None, :]).reshape(num_reqs, num_heads, max_blocks)

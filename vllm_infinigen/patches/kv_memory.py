@@ -33,6 +33,9 @@ def device_tier_share(
     partial_dims: list[int],
     staging: bool = True,
     partial_itemsize_ratio: float = 1.0,
+    residual_dims: list[int] | None = None,
+    block_size: int = 1,
+    residual_itemsize_ratio: float = 1.0,
 ) -> float:
     """Device-tier bytes per byte of host-tier KV cache.
 
@@ -40,7 +43,10 @@ def device_tier_share(
     (``num_layers * 2 * head_dim`` numbers per token and KV head); the partial
     key cache holds ``d_partial`` numbers per token and KV head for each sparse
     layer (``partial_dims``), in the same dtype or, with ``partial_dtype``,
-    ``partial_itemsize_ratio`` times its item size. A staging buffer holds one
+    ``partial_itemsize_ratio`` times its item size. The residual sums hold
+    ``d_residual`` numbers per *block* and KV head for each sparse layer
+    (``residual_dims``, float32: ``residual_itemsize_ratio`` times the
+    cache's item size), ``1 / block_size`` of that per token. A staging buffer holds one
     layer's blocks of the running requests (their selected blocks, and the
     whole context of prefilling ones), so each of the two is reserved one
     layer's share of the cache: ``2 / num_layers``; the in-place placement
@@ -57,6 +63,8 @@ def device_tier_share(
         raise ValueError("num_layers and head_dim must be positive")
     partial = sum(partial_dims) / (num_layers * 2 * head_dim)
     partial *= partial_itemsize_ratio
+    residual = sum(residual_dims or []) / (block_size * num_layers * 2 * head_dim)
+    partial += residual * residual_itemsize_ratio
     buffers = 2 / num_layers if partial_dims and staging else 0.0
     return partial + buffers
 
@@ -98,12 +106,15 @@ def apply() -> bool:
             [s.d_partial for s in runtime.speculators.values()],
             staging=not runtime.in_place,
             partial_itemsize_ratio=partial_dtype.itemsize / kv_dtype.itemsize,
+            residual_dims=[s.d_residual for s in runtime.speculators.values()],
+            block_size=self.cache_config.block_size or 1,
+            residual_itemsize_ratio=4 / kv_dtype.itemsize,
         )
         gib = float(1 << 30)
         if explicit:
             logger.info(
                 "INFINIGEN host tier %.2f GiB (explicit); device tier up to "
-                "%.2f GiB on top (partial keys and staging)",
+                "%.2f GiB on top (partial keys, residual sums and staging)",
                 size / gib,
                 size * share / gib,
             )
@@ -111,7 +122,8 @@ def apply() -> bool:
         host = host_tier_bytes(size, share)
         logger.info(
             "INFINIGEN host tier %.2f GiB of vLLM's automatic %.2f GiB KV cache "
-            "size: the rest (up to %.2f GiB) is left for partial keys and staging",
+            "size: the rest (up to %.2f GiB) is left for partial keys, residual sums "
+            "and staging",
             host / gib,
             size / gib,
             host * share / gib,
