@@ -1,6 +1,7 @@
 # vllm-infinigen developer entry points. Two commands matter:
 #   make serve   set up .venv, build the default model, serve it with INFINIGEN
 #   make test    set up .venv, then lint and run the test suite
+# and one more: make serve-ray, the same model behind Ray Serve LLM.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.setup-$(VLLM_EXTRA)
 
-.PHONY: setup serve test lint unit clean-venv
+.PHONY: setup serve serve-ray test lint unit clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +40,15 @@ serve: setup
 	exec $(VENV)/bin/vllm serve "$$MODEL_DIR" --attention-backend infinigen \
 	  --served-model-name $(MODEL) --host $(HOST) --port $(PORT) \
 	  --max-model-len $(MAX_MODEL_LEN) --dtype $(DTYPE)
+
+# The same model and options as `serve`, served by Ray Serve LLM on a local
+# Ray cluster started by this command (deploy/README.md); Ctrl-C stops both.
+serve-ray: setup
+	MODEL_DIR="$$($(PY) -m vllm_infinigen.models build $(MODEL) | tail -n 1)" && \
+	exec $(PY) -m vllm_infinigen.ray_serve --host $(HOST) --port $(PORT) \
+	  model_source="$$MODEL_DIR" model_id=$(MODEL) \
+	  engine_kwargs='{"max_model_len": $(MAX_MODEL_LEN), "dtype": "$(DTYPE)"}' \
+	  runtime_env='{"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "$(VLLM_CPU_KVCACHE_SPACE)"}}'
 
 lint: setup
 	$(VENV)/bin/ruff check vllm_infinigen tests benchmarks
