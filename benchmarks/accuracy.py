@@ -1361,7 +1361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="NAME=JSON",
         help="extra InfiniGen series with run-time options, e.g. "
-        """'headmax={"score_rule": "head_max_mass"}' (measured at every budget)""",
+        """'noresid={"residual_means": false}' (measured at every budget)""",
     )
     add(
         "--engine-options",

@@ -189,12 +189,6 @@ def selection_study() -> list[Setting]:
             ("default", main, default, True),
             ("speculated", main, default, False),
             (
-                "head_max_mass",
-                main,
-                replace(default, score_rule=BlockScoreRule.HEAD_MAX_MASS),
-                True,
-            ),
-            (
                 "per_head",
                 main,
                 replace(default, head_reduction=HeadReduction.PER_HEAD),
@@ -206,7 +200,6 @@ def selection_study() -> list[Setting]:
                 replace(default, head_reduction=HeadReduction.MAX),
                 True,
             ),
-            ("recent_share", main, replace(default, recent_share=0.25), True),
             (
                 "query_key",
                 Variant(0.3, True, ChannelCriterion.QUERY_KEY),
@@ -246,7 +239,6 @@ def policy_dict(policy: SelectionPolicy) -> dict[str, Any]:
         "max_blocks": policy.max_blocks,
         "sink_blocks": policy.sink_blocks,
         "recent_blocks": policy.recent_blocks,
-        "recent_share": policy.recent_share,
         "head_reduction": policy.head_reduction.value,
         "score_rule": policy.score_rule.value,
         "residual": policy.residual,

@@ -30,7 +30,7 @@ SWAP_MODES: tuple[str, ...] = ("in_place", "sync", "thread")
 
 #: How InfiniGen turns the speculated logits of the query heads sharing a KV
 #: head into one block score (``method/scoring.py``'s ``BlockScoreRule``).
-SCORE_RULES: tuple[str, ...] = ("log_mass", "head_max_mass", "max")
+SCORE_RULES: tuple[str, ...] = ("log_mass", "max")
 
 #: How the KV heads' block scores become one per block, since every KV head
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
@@ -57,14 +57,12 @@ RUNTIME_OPTIONS: tuple[str, ...] = (
     "alpha",
     "sink_blocks",
     "recent_blocks",
-    "recent_share",
     "min_blocks",
     "sparse_min_tokens",
     "swap_mode",
     "score_rule",
     "head_reduction",
     "query_source",
-    "adaptive_budget",
     "residual_means",
     "recall_sample_rate",
 )
@@ -115,13 +113,6 @@ class InfiniGenConfig:
     """Trailing blocks always fetched (the newest, partly filled block is
     always among them), >= 1."""
 
-    recent_share: float = 0.0
-    """Share of each request's block budget given to its newest blocks, in
-    [0, 1): the recent window grows with the request (``max(recent_blocks,
-    floor(recent_share * budget))`` trailing blocks are always fetched); the
-    rest of the budget goes to the best-scored blocks. 0: ``recent_blocks``
-    only."""
-
     min_blocks: int = 8
     """A request's block budget never falls below this many blocks, and a
     request with at most this many blocks reads them all, >= 0. With 32-token
@@ -165,22 +156,14 @@ class InfiniGenConfig:
     score_rule: str = "log_mass"
     """How InfiniGen scores a block from the query heads that share a KV
     head, one of :data:`SCORE_RULES`: ``log_mass`` (the log of their mean
-    speculated attention mass in the block), ``head_max_mass`` (the largest
-    of their masses: a block one head needs counts fully), ``max`` (the
-    largest speculated logit)."""
+    speculated attention mass in the block) or ``max`` (the largest
+    speculated logit: the paper's token rule lifted to blocks)."""
 
     head_reduction: str = "mean"
     """How the KV heads' block scores become one per block, one of
     :data:`HEAD_REDUCTIONS`: ``mean`` (mean mass over KV heads), ``max``
     (the largest), ``per_head`` (each block at its best head's margin below
     that head's best block)."""
-
-    adaptive_budget: bool = False
-    """Share the budget among sparse layers by need instead of evenly: each
-    step, layers whose selected blocks held less of their estimated
-    attention mass (a running average) get more blocks, the others fewer
-    (0.5x to 2x the even share), the same total per request. InfiniGen's
-    mass scores only; other policies and rules keep the even share."""
 
     residual_means: bool = True
     """Add each block's residual term to InfiniGen's block scores: the
@@ -246,9 +229,6 @@ class InfiniGenConfig:
         )
         _check_int("sink_blocks", self.sink_blocks, minimum=0)
         _check_int("recent_blocks", self.recent_blocks, minimum=1)
-        _check_range(
-            "recent_share", self.recent_share, low=0.0, high=1.0, high_open=True
-        )
         _check_int("min_blocks", self.min_blocks, minimum=0)
         if self.sparse_min_tokens is not None:
             _check_int("sparse_min_tokens", self.sparse_min_tokens, minimum=0)
@@ -290,7 +270,7 @@ class InfiniGenConfig:
                     f"got {getattr(self, name)!r}"
                 )
         _check_range("recall_sample_rate", self.recall_sample_rate, low=0.0, high=1.0)
-        for flag in ("adaptive_budget", "residual_means", "http_reconfigure"):
+        for flag in ("residual_means", "http_reconfigure"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(
                     f"infinigen option {flag!r} must be true or false, "

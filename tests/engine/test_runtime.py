@@ -491,35 +491,6 @@ def test_auto_query_source_is_real_in_place_and_speculated_with_staging() -> Non
     world.runtime.shutdown()
 
 
-def test_adaptive_budget_moves_blocks_to_the_layer_that_misses_more() -> None:
-    world = World([160, 120], budget=0.2, min_blocks=2, adaptive_budget=True, alpha=1e9)
-    runtime = world.runtime
-    assert runtime.adaptive
-    one, two = world.layer(1), world.layer(2)
-    # Layer 2's keys all alike: its mass is spread evenly, so any 20% of its
-    # blocks hold about 20% of it; layer 1 keeps its random, peakier keys.
-    assert two.partial_cache is not None
-    two.partial_cache.copy_(two.partial_cache.mean(dim=(0, 1), keepdim=True))
-    for _ in range(12):
-        for index in (1, 2):
-            world.prepare(index)
-            assert runtime.take(world.layer(index)) is not None
-    s1, s2 = float(one.budget_scale), float(two.budget_scale)
-    assert s2 > 1.0 > s1 and abs((s1 + s2) / 2 - 1.0) < 1e-5
-    assert float(two.mass_deficit) > float(one.mass_deficit)
-    # The same blocks in total as the even share, up to rounding per request.
-    even = World([160, 120], budget=0.2, min_blocks=2, alpha=1e9)
-    for index in (1, 2):
-        even.prepare(index)
-    stats = runtime.stats_snapshot()["total"]
-    per_step = stats["blocks_selected"] / 12
-    assert (
-        abs(per_step - even.runtime.stats_snapshot()["total"]["blocks_selected"]) <= 4
-    )
-    runtime.reconfigure({"adaptive_budget": False})
-    assert not runtime.adaptive and float(one.budget_scale) == 1.0
-
-
 def test_step_counters_histograms_and_sampled_recall() -> None:
     world = World(
         [40, 65],

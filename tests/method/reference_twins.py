@@ -109,10 +109,8 @@ def ref_block_scores(
     seq_lens: torch.Tensor,
     scale: float,
     log_mass: bool = False,
-    head_max: bool = False,
 ) -> torch.Tensor:
-    """Loops over requests, KV heads, blocks, tokens and query heads
-    (``head_max``: with ``log_mass``, the largest head's mass, not the mean)."""
+    """Loops over requests, KV heads, blocks, tokens and query heads."""
     num_reqs, max_blocks = block_table.shape
     _, block_size, num_kv, _ = cache.shape
     group = query_partial.shape[1] // num_kv
@@ -139,7 +137,7 @@ def ref_block_scores(
                     continue
                 if log_mass:
                     per_head = [sum(probs[h][t] for t in tokens) for h in heads]
-                    mass = max(per_head) if head_max else sum(per_head) / group
+                    mass = sum(per_head) / group
                     out[r, g, j] = math.log(mass) if mass > 0 else float("-inf")
                 else:
                     out[r, g, j] = max(logit(h, t, g) for h in heads for t in tokens)

@@ -31,8 +31,6 @@ from vllm_infinigen.method.selection import (
     num_blocks_of,
     select_blocks,
     selected_block_ids,
-    selected_mass_share,
-    selection_from_mask,
 )
 
 #: The reference twin of the selection has no per-request floor: these
@@ -85,7 +83,6 @@ def test_block_scores_match_reference(case: str, rule: BlockScoreRule) -> None:
         lens,
         scale=0.25,
         log_mass=rule is not BlockScoreRule.MAX,
-        head_max=rule is BlockScoreRule.HEAD_MAX_MASS,
     )
     assert out.shape == expected.shape
     assert torch.equal(torch.isinf(out), torch.isinf(expected))
@@ -222,35 +219,6 @@ def test_forced_blocks_exceed_small_budget() -> None:
     assert sel.counts.tolist() == [4]
 
 
-def test_recent_share_widens_the_window_with_each_requests_budget() -> None:
-    # The oldest blocks score best, so only forced blocks are ever recent.
-    scores = -torch.arange(40.0).expand(2, 2, 40).contiguous()
-    lens = torch.tensor([640, 1280])  # 20 and 40 blocks of 32
-    policy = Policy(alpha=math.inf, budget_fraction=0.5, recent_share=0.25)
-    sel = select_blocks(scores, lens, 32, policy)
-    # budgets 10 and 20: windows of floor(2.5) = 2 and 5 newest blocks
-    assert sel.counts.tolist() == [10, 20]
-    assert sel.indices[0, :10].tolist() == [*range(8), 18, 19]
-    assert sel.indices[1, :20].tolist() == [*range(15), *range(35, 40)]
-    # never below recent_blocks; zero share: the fixed window
-    floor = Policy(
-        alpha=math.inf,
-        budget_fraction=0.1,
-        recent_share=0.1,
-        recent_blocks=3,
-        min_blocks=0,
-    )
-    assert select_blocks(scores, lens, 32, floor).counts.tolist() == [4, 4]
-    assert select_blocks(scores, lens, 32, floor).indices[0].tolist()[:4] == [
-        0,
-        17,
-        18,
-        19,
-    ]
-    fixed = select_blocks(scores, lens, 32, Policy(alpha=math.inf, budget_fraction=0.5))
-    assert fixed.indices[0, :10].tolist() == [*range(9), 19]
-
-
 def test_min_blocks_reads_short_requests_whole_and_floors_the_budget() -> None:
     # Scores that would keep only the sink and newest blocks (middle ones are
     # far below alpha), for a 3-block, an 8-block and a 20-block request.
@@ -333,7 +301,6 @@ def test_zero_requests() -> None:
         ({"max_blocks": 0}, "max_blocks"),
         ({"sink_blocks": -1}, "sink_blocks"),
         ({"recent_blocks": -2}, "recent_blocks"),
-        ({"recent_share": 1.0}, "recent_share"),
         ({"min_blocks": -1}, "min_blocks"),
     ],
 )
@@ -438,15 +405,3 @@ def test_residual_term_is_exact_when_blocks_share_their_residual_key(
         query[..., :p].contiguous(), partial, table, seq_lens, 0.5, rule
     )
     assert not torch.allclose(plain[torch.isfinite(plain)], want[torch.isfinite(want)])
-
-
-def test_selected_mass_share_sums_the_chosen_blocks_mass() -> None:
-    # One request, 4 blocks of 16 tokens, one KV head: masses .1 .2 .3 .4.
-    scores = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]]).log()
-    seq_lens = torch.tensor([64])
-    chosen = selection_from_mask(torch.tensor([[False, True, False, True]]))
-    share = selected_mass_share(scores, chosen, seq_lens, 16)
-    assert abs(float(share) - 0.6) < 1e-6
-    # A block past the request's end holds nothing.
-    share = selected_mass_share(scores, chosen, torch.tensor([40]), 16)
-    assert abs(float(share) - 0.2 / 0.6) < 1e-6

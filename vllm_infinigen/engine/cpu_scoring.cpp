@@ -7,8 +7,8 @@
 // block's tokens in a small buffer, and keeps per block and head the block's
 // maximum logit and its sum of exp(logit - maximum). A second, block-sized
 // pass turns those into the log of the block's softmax mass averaged over the
-// group's query heads (rule 1, LOG_MASS) or their largest (rule 2,
-// HEAD_MAX_MASS), or takes the block's largest logit (rule 0, MAX). An
+// group's query heads (rule 1, LOG_MASS), or takes the block's largest
+// logit (rule 0, MAX). An
 // optional per-(head, block) bias (the residual channels' block term) is
 // added to every logit of the block before either.
 //
@@ -85,7 +85,6 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
                     int64_t M, int64_t B, int64_t KV, int64_t P, int64_t G,
                     int64_t rule) {
   const bool log_mass = rule != 0;
-  const bool head_max = rule == 2;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t H = KV * G;
   const int64_t block_elems = B * KV * P;
@@ -179,7 +178,7 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
       // log(head's total), kept in the log domain: far blocks (more than 87
       // nats below the head's best, common with attention sinks at long
       // contexts) keep their order instead of flushing to one floor value.
-      // The heads then merge by log-sum-exp (mean) or max.
+      // The heads then merge by log-sum-exp (their mean mass).
       std::fill(mass.begin(), mass.begin() + blocks, neg_inf);     // running max
       std::fill(weight.begin(), weight.begin() + blocks, 0.0f);    // sum exp(- max)
       for (int64_t h = 0; h < G; ++h) {
@@ -199,10 +198,6 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
         const float shift = top + std::log(total);
         for (int64_t j = 0; j < blocks; ++j) {
           const float lm = bm[j] - shift + std::log(bs[j]);
-          if (head_max) {
-            mass[j] = std::max(mass[j], lm);
-            continue;
-          }
           const float m = mass[j];
           if (lm > m) {
             weight[j] = weight[j] * exp_nonpositive(m - lm) + 1.0f;
@@ -212,13 +207,9 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
           }
         }
       }
-      if (head_max) {
-        for (int64_t j = 0; j < blocks; ++j) o[j] = mass[j];
-      } else {
-        const float log_g = std::log(static_cast<float>(G));
-        for (int64_t j = 0; j < blocks; ++j)
-          o[j] = mass[j] + std::log(weight[j]) - log_g;
-      }
+      const float log_g = std::log(static_cast<float>(G));
+      for (int64_t j = 0; j < blocks; ++j)
+        o[j] = mass[j] + std::log(weight[j]) - log_g;
     }
   }
 }

@@ -35,7 +35,6 @@ BlockScorer = Callable[..., torch.Tensor]
 _RULE_CODES = {
     BlockScoreRule.MAX: 0,
     BlockScoreRule.LOG_MASS: 1,
-    BlockScoreRule.HEAD_MAX_MASS: 2,
 }
 
 #: The C++ op's "no block bias" argument.

@@ -92,10 +92,6 @@ class SparseLayer:
         ints (each block is both available and read)."""
         self.stats = LayerStats()
         self.pending: PreparedRead | None = None
-        self.budget_scale = torch.ones(())
-        """This layer's multiple of the budget fraction (adaptive budget)."""
-        self.mass_deficit = torch.ones(())
-        """Running average of the estimated mass its selection missed."""
 
     @property
     def index(self) -> int:
@@ -134,8 +130,6 @@ class SparseLayer:
                 )
             self.counters = new_selection_counters(num_blocks, key.device)
             self.tallies = self.tallies.to(key.device)
-            self.budget_scale = self.budget_scale.to(key.device)
-            self.mass_deficit = self.mass_deficit.to(key.device)
             self.host_cache = kv_cache
         return self.partial_cache
 

@@ -55,19 +55,12 @@ from vllm_infinigen.method.selection import (
     blocks_for,
     num_blocks_of,
     select_blocks,
-    selected_mass_share,
     selection_from_mask,
     valid_blocks,
 )
 from vllm_infinigen.method.speculator import LayerSpeculator
 
 logger = init_logger("vllm.infinigen.runtime")
-
-
-#: Weight of a step in a layer's running mass deficit (adaptive budget).
-DEFICIT_EMA = 0.2
-#: Bounds of a layer's multiple of the even budget share.
-SCALE_RANGE = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,6 @@ def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionP
         max_blocks=config.max_blocks,
         sink_blocks=config.sink_blocks,
         recent_blocks=config.recent_blocks,
-        recent_share=config.recent_share,
         min_blocks=config.min_blocks,
         head_reduction=HeadReduction(config.head_reduction),
         score_rule=BlockScoreRule(config.score_rule),
@@ -374,46 +366,10 @@ class InfiniGenRuntime:
         self._prepare(layer, selection, table, seq_lens, extra_slots, start)
         return self.take(layer)
 
-    @property
-    def adaptive(self) -> bool:
-        """The adaptive per-layer budget is on and applies to the policy."""
-        return (
-            self.config.adaptive_budget
-            and self.policy.scores_log_mass
-            and self.selection.score_rule is not BlockScoreRule.MAX
-        )
-
     def _select(
         self, layer: SparseLayer, scores: torch.Tensor, seq_lens: torch.Tensor
     ) -> BlockSelection:
-        """Choose from scores: with the adaptive budget, at the layer's share
-        (rebalanced when a step's first sparse layer chooses), and fold the
-        mass the choice missed into the layer's running deficit."""
-        if not self.adaptive:
-            return select_blocks(scores, seq_lens, self.block_size, self.selection)
-        if layer is self._first:
-            self._rebalance()
-        selection = select_blocks(
-            scores, seq_lens, self.block_size, self.selection, layer.budget_scale
-        )
-        share = selected_mass_share(scores, selection, seq_lens, self.block_size)
-        layer.mass_deficit.mul_(1.0 - DEFICIT_EMA).add_(DEFICIT_EMA * (1.0 - share))
-        return selection
-
-    def _rebalance(self) -> None:
-        """Layers' budget multiples in proportion to their mass deficits,
-        bounded by :data:`SCALE_RANGE`, averaging 1 (the same total)."""
-        layers = self._layers
-        deficit = torch.stack([layer.mass_deficit for layer in layers]).clamp(min=1e-4)
-        scale = (deficit / deficit.mean()).clamp(*SCALE_RANGE)
-        scale = scale / scale.mean()
-        for i, layer in enumerate(layers):
-            layer.budget_scale.copy_(scale[i])
-
-    def _reset_budget_shares(self) -> None:
-        for layer in self.sparse.values():
-            layer.budget_scale.fill_(1.0)
-            layer.mass_deficit.fill_(1.0)
+        return select_blocks(scores, seq_lens, self.block_size, self.selection)
 
     def _prepare(
         self,
@@ -511,7 +467,6 @@ class InfiniGenRuntime:
         self.selection = selection_policy(config, self.policy)
         for policy in self.policies.values():
             policy.start_run()
-        self._reset_budget_shares()
         return config.to_dict()
 
     # ------------------------------------------------------------ step stats

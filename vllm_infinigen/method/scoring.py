@@ -21,14 +21,10 @@ class BlockScoreRule(enum.Enum):
     ``LOG_MASS``: the log of the block's estimated attention mass: softmax of
     each query head's partial logits over the request's tokens, summed over
     the block, averaged over the group's query heads. ``<= 0``.
-    ``HEAD_MAX_MASS``: the same per-head masses, but the group's largest
-    instead of their mean: a block one query head needs scores as that
-    head's share, however little the other heads look at it. ``<= 0``.
     """
 
     MAX = "max"
     LOG_MASS = "log_mass"
-    HEAD_MAX_MASS = "head_max_mass"
 
 
 class Workspace:
@@ -90,7 +86,6 @@ def block_scores(
       l[r, h, t]``;
     * ``LOG_MASS``: ``score[r, g, j] = log(mean over h in group g of sum over
       t in block j of softmax_t(l[r, h, :])[t])``;
-    * ``HEAD_MAX_MASS``: the same with ``max over h`` for ``mean over h``.
 
     Args:
         query_partial: ``[num_reqs, num_heads, d_partial]`` speculated queries
@@ -166,8 +161,6 @@ def block_scores(
     if shift is not None:
         block_lse = block_lse + shift  # -inf past the end stays -inf
     log_mass = block_lse - torch.logsumexp(block_lse, dim=-1, keepdim=True)
-    if rule is BlockScoreRule.HEAD_MAX_MASS:
-        return log_mass.amax(dim=2)
     return torch.logsumexp(log_mass, dim=2) - math.log(group)
 
 

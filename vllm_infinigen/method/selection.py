@@ -16,9 +16,9 @@ ceil(seq_len_r / block_size)`` blocks:
      margin ``s_j - max_j' s_j'``: with ``LOG_MASS`` block scores, the log of
      the block's mass averaged over all query heads.
 
-2. *Forced* blocks: the first ``sink_blocks`` and the last ``max(
-   recent_blocks, floor(recent_share * b_r))`` (the newest, partly filled
-   block is always among them when ``recent_blocks >= 1``).
+2. *Forced* blocks: the first ``sink_blocks`` and the last
+   ``recent_blocks`` (the newest, partly filled block is always among them
+   when ``recent_blocks >= 1``).
 3. *Candidates*: other blocks with ``margin >= -alpha``.
 4. *Budget*: ``b_r = max(ceil(budget_fraction * n_r), min(n_r, m))``
    with ``m = min_blocks`` (capped by ``max_blocks``), then capped by
@@ -75,9 +75,6 @@ class SelectionPolicy:
         sink_blocks: leading blocks always selected (attention sinks).
         recent_blocks: trailing blocks always selected (includes the
             partly filled newest block).
-        recent_share: share of each request's budget given to its newest
-            blocks, in ``[0, 1)``: ``max(recent_blocks, floor(recent_share *
-            budget))`` trailing blocks are forced.
         min_blocks: the budget never falls below this many blocks, and a
             request with at most this many blocks reads them all (short
             contexts stay exact); ``0`` turns it off.
@@ -99,7 +96,6 @@ class SelectionPolicy:
     max_blocks: int | None = None
     sink_blocks: int = 1
     recent_blocks: int = 1
-    recent_share: float = 0.0
     min_blocks: int = DEFAULT_CONFIG.min_blocks
     head_reduction: HeadReduction = HeadReduction.MEAN
     score_rule: BlockScoreRule = BlockScoreRule.LOG_MASS
@@ -118,8 +114,6 @@ class SelectionPolicy:
             raise ValueError(f"sink_blocks must be >= 0, got {self.sink_blocks}")
         if self.recent_blocks < 0:
             raise ValueError(f"recent_blocks must be >= 0, got {self.recent_blocks}")
-        if not 0.0 <= self.recent_share < 1.0:
-            raise ValueError(f"recent_share must be in [0, 1), got {self.recent_share}")
         if self.min_blocks < 0:
             raise ValueError(f"min_blocks must be >= 0, got {self.min_blocks}")
 
@@ -134,8 +128,9 @@ class SelectionPolicy:
         """Columns of :attr:`BlockSelection.indices` for a block table width."""
         if self.max_blocks is None:
             return table_width
-        recent = max(self.recent_blocks, int(self.recent_share * self.max_blocks))
-        return min(table_width, max(self.max_blocks, self.sink_blocks + recent))
+        return min(
+            table_width, max(self.max_blocks, self.sink_blocks + self.recent_blocks)
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,17 +172,12 @@ def valid_blocks(
 def budget_blocks(
     n_blocks: torch.Tensor,
     policy: SelectionPolicy,
-    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block budget ``b_r`` of each request (module docstring, step 4).
 
     ``n_blocks``: int tensor of blocks per request (any shape); same shape out.
-    ``scale``: optional scalar tensor multiplying ``budget_fraction`` (a
-    layer's share under the adaptive per-layer budget).
     """
-    fraction: float | torch.Tensor = policy.budget_fraction
-    if scale is not None:
-        fraction = (scale.double() * policy.budget_fraction).clamp(max=1.0)
+    fraction = policy.budget_fraction
     budget = torch.ceil(n_blocks.double() * fraction - _BUDGET_SLACK)
     budget = torch.maximum(
         budget.long(), n_blocks.long().clamp(max=policy.effective_min_blocks)
@@ -244,7 +234,6 @@ def select_blocks(
     seq_lens: torch.Tensor,
     block_size: int,
     policy: SelectionPolicy,
-    budget_scale: torch.Tensor | None = None,
 ) -> BlockSelection:
     """Choose the blocks each request reads for one layer (module docstring).
 
@@ -253,8 +242,6 @@ def select_blocks(
         seq_lens: ``[num_reqs]`` int tokens per request (``>= 1``).
         block_size: tokens per block.
         policy: the selection parameters.
-        budget_scale: optional scalar tensor scaling the budget fraction for
-            this layer (:func:`budget_blocks`).
 
     Returns:
         A :class:`BlockSelection` of width ``policy.output_width(max_blocks)``.
@@ -271,14 +258,10 @@ def select_blocks(
     logical = torch.arange(max_blocks, device=device)[None, :]  # [1, M]
     valid = logical < n_blocks
     least = policy.effective_min_blocks
-    budget = budget_blocks(n_blocks, policy, budget_scale)
-    recent: int | torch.Tensor = policy.recent_blocks
-    if policy.recent_share > 0.0:
-        window = torch.floor(budget.double() * policy.recent_share).long()
-        recent = window.clamp(min=policy.recent_blocks)
+    budget = budget_blocks(n_blocks, policy)
     forced = valid & (
         (logical < policy.sink_blocks)
-        | (logical >= n_blocks - recent)
+        | (logical >= n_blocks - policy.recent_blocks)
         | (n_blocks <= least)
     )
     margin = block_margins(scores, valid, policy.head_reduction)
@@ -332,28 +315,3 @@ def selected_block_ids(
     idx = selection.indices
     ids = torch.gather(block_table, 1, idx.clamp(min=0).to(torch.long))
     return torch.where(idx >= 0, ids, torch.full_like(ids, PAD))
-
-
-def selected_mass_share(
-    scores: torch.Tensor,
-    selection: BlockSelection,
-    seq_lens: torch.Tensor,
-    block_size: int,
-) -> torch.Tensor:
-    """The share of the estimated attention mass the selection holds.
-
-    ``scores`` are log masses (:attr:`~.scoring.BlockScoreRule.LOG_MASS` or
-    ``HEAD_MAX_MASS``); each KV head's masses are normalised over the
-    request's blocks, and the selected share is averaged over KV heads and
-    requests. Returns a 0-dim float32 tensor (no host sync).
-    """
-    num_reqs, _, max_blocks = scores.shape
-    if num_reqs == 0 or max_blocks == 0:
-        return torch.ones((), device=scores.device)
-    valid = valid_blocks(seq_lens, block_size, max_blocks)
-    mass = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), -1)
-    chosen = torch.zeros(num_reqs, max_blocks + 1, dtype=mass.dtype, device=mass.device)
-    index = selection.indices.clamp(min=-1) % (max_blocks + 1)  # PAD -> last column
-    chosen.scatter_(1, index, 1.0)
-    share = (mass * chosen[:, None, :max_blocks]).sum(-1)
-    return share.mean()

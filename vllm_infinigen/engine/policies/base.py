@@ -78,9 +78,6 @@ class BlockPolicy:
     scores_either_way: ClassVar[bool] = False
     """Implements both :meth:`scores_ahead` and :meth:`scores_at_attention`
     (the ``query_source`` option chooses)."""
-    scores_log_mass: ClassVar[bool] = False
-    """Its scores are log attention-mass estimates (the adaptive per-layer
-    budget reads the mass the selection holds from them)."""
     uses_alpha: ClassVar[bool] = False
     """The ``alpha`` threshold prunes candidates; False: pure top-k."""
     reads_everything: ClassVar[bool] = False

@@ -35,7 +35,6 @@ class InfiniGenPolicy(BlockPolicy):
     name = "infinigen"
     uses_alpha = True
     scores_either_way = True
-    scores_log_mass = True
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
