@@ -86,11 +86,12 @@ class RayApp:
 
 
 def _report(config: pytest.Config, line: str) -> None:
+    """The module's start-up time and peak memory, to the terminal (run with
+    ``-s`` to see it: pytest captures a fixture's teardown output)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
-    else:
-        print(line)
+    print(line, flush=True)
 
 
 @pytest.fixture(scope="module")
