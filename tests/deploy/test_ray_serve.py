@@ -85,17 +85,14 @@ class RayApp:
         return "\n".join(texts)
 
 
-def _report(config: pytest.Config, line: str) -> None:
+def _report(line: str) -> None:
     """The module's start-up time and peak memory, to the terminal (run with
     ``-s`` to see it: pytest captures a fixture's teardown output)."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
     print(line, flush=True)
 
 
 @pytest.fixture(scope="module")
-def ray_app(request: pytest.FixtureRequest) -> Iterator[RayApp]:
+def ray_app() -> Iterator[RayApp]:
     from vllm_infinigen.models import is_built, model_path
 
     if not is_built(MODEL):
@@ -170,7 +167,6 @@ def ray_app(request: pytest.FixtureRequest) -> Iterator[RayApp]:
                     else:
                         os.environ[key] = value
     _report(
-        request.config,
         "Ray Serve INFINIGEN: "
         + ", ".join(f"{k}={v:.1f}" for k, v in app.timings.items())
         + f", peak RSS (pytest + descendants) {memory.peak_bytes / 2**30:.2f} GiB"
