@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -355,6 +356,19 @@ def end_processes(pids: Iterable[int], grace_s: float = 10.0) -> list[int]:
     return [process.pid for process in alive]
 
 
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both end :func:`main`'s wait through its cleanup:
+    SIGTERM is how ``docker stop``, Kubernetes and systemd stop a server, and
+    a shell starts background jobs with SIGINT ignored, so Python's own
+    Ctrl-C handler would not be there."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Start a local Ray cluster, serve one INFINIGEN model on HOST:PORT
     through Ray Serve, block until Ctrl-C, then shut everything down."""
@@ -398,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     init: dict[str, Any] = {"address": ns.address}
     if local:
         init |= {"num_cpus": ns.num_cpus, "include_dashboard": False}
+    _stop_on_signals()
     ray.init(**init)
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
@@ -405,8 +420,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"serving the OpenAI API on http://{ns.host}:{ns.port}/v1 (Ctrl-C stops)")
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("Ctrl-C: shutting down")
+    except KeyboardInterrupt as stop:
+        print(f"{stop or 'SIGINT'}: shutting down", flush=True)
     finally:
         if local:
             leftovers = descendant_pids()
