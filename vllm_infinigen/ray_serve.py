@@ -412,8 +412,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     init: dict[str, Any] = {"address": ns.address}
     if local:
         init |= {"num_cpus": ns.num_cpus, "include_dashboard": False}
-    _stop_on_signals()
     ray.init(**init)
+    _stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
         serve.run(build_openai_app(app_spec), name=APP_NAME, route_prefix="/")
