@@ -8,9 +8,8 @@
 // maximum logit and its sum of exp(logit - maximum). A second, block-sized
 // pass turns those into the log of the block's softmax mass averaged over the
 // group's query heads (rule 1, LOG_MASS), or takes the block's largest
-// logit (rule 0, MAX). An
-// optional per-(head, block) bias (the residual channels' block term) is
-// added to every logit of the block before either.
+// logit (rule 0, MAX). An optional per-(head, block) bias (the residual
+// channels' block term) is added to every logit of the block before either.
 //
 // Shapes (all contiguous):
 //   query   [R, H, P] float32, already multiplied by the softmax scale

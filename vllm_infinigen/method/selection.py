@@ -177,8 +177,7 @@ def budget_blocks(
 
     ``n_blocks``: int tensor of blocks per request (any shape); same shape out.
     """
-    fraction = policy.budget_fraction
-    budget = torch.ceil(n_blocks.double() * fraction - _BUDGET_SLACK)
+    budget = torch.ceil(n_blocks.double() * policy.budget_fraction - _BUDGET_SLACK)
     budget = torch.maximum(
         budget.long(), n_blocks.long().clamp(max=policy.effective_min_blocks)
     )

@@ -185,8 +185,7 @@ class LayerSkew:
 
     def partial_basis(self) -> torch.Tensor:
         """``A[:, :, channels]``: ``[num_kv_heads, head_dim, d_partial]``."""
-        index = self.channels[:, None, :].expand(-1, self.head_dim, -1)
-        return torch.gather(self.skew, 2, index)
+        return self._columns(self.channels)
 
     def residual_channels(self) -> torch.Tensor:
         """The skewed channels left out of the partial keys, ascending per
@@ -199,8 +198,11 @@ class LayerSkew:
     def residual_basis(self) -> torch.Tensor:
         """``A[:, :, residual channels]``: ``[num_kv_heads, head_dim,
         head_dim - d_partial]``."""
-        rest = self.residual_channels()
-        index = rest[:, None, :].expand(-1, self.head_dim, -1)
+        return self._columns(self.residual_channels())
+
+    def _columns(self, channels: torch.Tensor) -> torch.Tensor:
+        """``A[:, :, channels]`` for ``[num_kv_heads, c]`` channel indices."""
+        index = channels[:, None, :].expand(-1, self.head_dim, -1)
         return torch.gather(self.skew, 2, index)
 
 

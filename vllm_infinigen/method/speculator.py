@@ -180,28 +180,39 @@ class LayerSpeculator:
         Returns:
             ``[tokens, num_heads, d_partial]`` in ``query``'s dtype.
         """
-        tokens = query.shape[0]
-        group = self.num_heads // self.num_kv_heads
-        q = query.reshape(tokens, self.num_kv_heads, group, self.head_dim)
-        out = torch.einsum("tkgd,kdp->tkgp", q, self.key_basis.to(query.dtype))
-        return out.reshape(tokens, self.num_heads, self.d_partial)
+        return self._project_queries(query, self.key_basis)
 
     def residual_query(self, query: torch.Tensor) -> torch.Tensor:
         """The residual channels of real (post-RoPE) queries: ``[tokens,
         num_heads, head_dim] -> [tokens, num_heads, d_residual]``."""
         assert self.residual_basis is not None
-        tokens = query.shape[0]
-        group = self.num_heads // self.num_kv_heads
-        q = query.reshape(tokens, self.num_kv_heads, group, self.head_dim)
-        basis = self.residual_basis.to(query.dtype)
-        out = torch.einsum("tkgd,kdp->tkgp", q, basis)
-        return out.reshape(tokens, self.num_heads, self.d_residual)
+        return self._project_queries(query, self.residual_basis)
 
     def residual_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """The residual channels of post-RoPE keys: ``[tokens, num_kv_heads,
         head_dim] -> [tokens, num_kv_heads, d_residual]``."""
         assert self.residual_basis is not None
-        basis = self.residual_basis.to(keys.dtype)
+        return self._project_keys(keys, self.residual_basis)
+
+    def _project_queries(
+        self, query: torch.Tensor, basis: torch.Tensor
+    ) -> torch.Tensor:
+        """``[tokens, num_heads, head_dim]`` queries onto a ``[num_kv_heads,
+        head_dim, c]`` basis (each query head its KV head's): ``[tokens,
+        num_heads, c]``."""
+        tokens = query.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        q = query.reshape(tokens, self.num_kv_heads, group, self.head_dim)
+        out = torch.einsum("tkgd,kdp->tkgp", q, basis.to(query.dtype))
+        return out.reshape(tokens, self.num_heads, basis.shape[2])
+
+    @staticmethod
+    def _project_keys(keys: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``[tokens, num_kv_heads, head_dim]`` keys onto a ``[num_kv_heads,
+        head_dim, c]`` basis: ``[tokens, num_kv_heads, c]``. One batched
+        matmul per KV head (einsum's planning costs more than the product
+        for the one or few tokens of a decode step)."""
+        basis = basis.to(keys.dtype)
         return torch.bmm(keys.transpose(0, 1), basis).transpose(0, 1)
 
     def partial_keys(self, keys: torch.Tensor) -> torch.Tensor:
@@ -214,7 +225,4 @@ class LayerSpeculator:
         Returns:
             ``[tokens, num_kv_heads, d_partial]`` in ``keys``' dtype.
         """
-        # One batched matmul per KV head (einsum's planning costs more than
-        # the product for the one or few tokens of a decode step).
-        basis = self.key_basis.to(keys.dtype)
-        return torch.bmm(keys.transpose(0, 1), basis).transpose(0, 1)
+        return self._project_keys(keys, self.key_basis)
