@@ -45,11 +45,10 @@ HEALTH_CHECK_PERIOD_S = 30.0
 #: Engine arguments this module sets itself; a caller's value is refused.
 OWN_ENGINE_KWARGS: tuple[str, ...] = ("attention_backend", "additional_config")
 
-#: Engine arguments the plugin refuses above 1 (``engine/setup.py``).
-PARALLEL_ENGINE_KWARGS: tuple[str, ...] = (
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-)
+#: Engine arguments the plugin refuses above 1 (``engine/setup.py``
+#: ``check_parallel_layout``): a stage's first layer cannot speculate from
+#: the previous stage's last.
+REFUSED_PARALLEL_KWARGS: tuple[str, ...] = ("pipeline_parallel_size",)
 
 #: ``accelerator`` values: ``auto`` (CPU when torch sees no CUDA device in the
 #: process that builds the config, else Ray's own choice), ``cpu``, ``gpu``.
@@ -109,15 +108,19 @@ def _engine_kwargs(
             "(attention_backend='infinigen', additional_config carrying the "
             "'infinigen' options); pass INFINIGEN options as `infinigen` instead"
         )
-    for key in PARALLEL_ENGINE_KWARGS:
+    for key in REFUSED_PARALLEL_KWARGS:
         size = kwargs.get(key, 1)
         if size != 1:
             raise ValueError(
-                f"engine_kwargs {key!r}={size!r}: the INFINIGEN backend runs "
-                "one engine worker per replica (tensor and pipeline parallel "
-                "size 1; tensor parallelism is work in progress). Scale with "
-                "num_replicas or autoscaling instead"
+                f"engine_kwargs {key!r}={size!r}: the INFINIGEN backend does not "
+                "support pipeline parallelism (allowed: 1); use "
+                "tensor_parallel_size, num_replicas or autoscaling instead"
             )
+    tp = kwargs.get("tensor_parallel_size", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(
+            f"engine_kwargs 'tensor_parallel_size' must be an integer >= 1, got {tp!r}"
+        )
     kwargs["attention_backend"] = "infinigen"
     kwargs["additional_config"] = {ADDITIONAL_CONFIG_KEY: infinigen}
     return kwargs
@@ -169,8 +172,11 @@ def infinigen_llm_config(
             :class:`~vllm_infinigen.config.InfiniGenConfig`.
         engine_kwargs: More vLLM engine arguments (``max_model_len``,
             ``dtype``, ...). ``attention_backend`` and ``additional_config``
-            are set here and refused; tensor or pipeline parallel size above 1
-            is refused.
+            are set here and refused; ``pipeline_parallel_size`` above 1 is
+            refused. ``tensor_parallel_size`` runs each replica's engine on
+            that many workers (on CPU Ray Serve LLM starts them with vLLM's
+            multiprocessing executor inside the replica's node; on GPUs
+            Ray places them, one GPU bundle each).
         num_replicas: Fixed number of replicas (ignored with ``autoscaling``).
         autoscaling: Serve ``autoscaling_config`` (``min_replicas``,
             ``max_replicas``, ``target_ongoing_requests``, ...).

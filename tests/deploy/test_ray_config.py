@@ -141,12 +141,29 @@ def test_build_app_refuses_bad_option(
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize("key", ["tensor_parallel_size", "pipeline_parallel_size"])
-def test_parallel_engine_refused(no_ray: None, key: str) -> None:
+def test_pipeline_parallel_refused(no_ray: None) -> None:
     from vllm_infinigen.ray_serve import build_app
 
-    with pytest.raises(ValueError, match=f"{key}.*work in progress"):
-        build_app({"model_source": MODEL, "engine_kwargs": {key: 2}})
+    with pytest.raises(ValueError, match="pipeline_parallel_size.*allowed: 1"):
+        build_app({"model_source": MODEL, "engine_kwargs": {"pipeline_parallel_size": 2}})
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, "2"])
+def test_bad_tensor_parallel_size_refused(no_ray: None, size: object) -> None:
+    from vllm_infinigen.ray_serve import infinigen_llm_config
+
+    with pytest.raises(ValueError, match="tensor_parallel_size.*integer >= 1"):
+        infinigen_llm_config(MODEL, engine_kwargs={"tensor_parallel_size": size})
+
+
+def test_tensor_parallel_passed_to_the_engine(no_ray: None) -> None:
+    from vllm_infinigen.ray_serve import infinigen_llm_config
+
+    config = infinigen_llm_config(
+        MODEL, engine_kwargs={"tensor_parallel_size": 2}, accelerator="cpu"
+    )
+    assert config.engine_kwargs["tensor_parallel_size"] == 2
+    assert config.engine_kwargs["attention_backend"] == "infinigen"
 
 
 @pytest.mark.parametrize("key", ["attention_backend", "additional_config"])

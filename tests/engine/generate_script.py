@@ -31,6 +31,7 @@ def main() -> None:
         "--block-size", type=int, default=32, help="same for every engine compared"
     )
     parser.add_argument("--infinigen", default="{}", help="JSON infinigen options")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument(
         "--stats", action="store_true", help="include the INFINIGEN counters"
     )
@@ -53,6 +54,7 @@ def main() -> None:
         enforce_eager=True,
         block_size=args.block_size,
         seed=0,
+        tensor_parallel_size=args.tensor_parallel_size,
         **kwargs,  # type: ignore[arg-type]
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
@@ -66,7 +68,10 @@ def main() -> None:
         "seconds": elapsed,
     }
     if args.stats:
-        result["stats"] = llm.collective_rpc("infinigen_stats")[0]
+        # One result per worker (tensor-parallel rank).
+        ranks = llm.collective_rpc("infinigen_stats")
+        result["stats"] = ranks[0]
+        result["rank_stats"] = ranks
     Path(args.out).write_text(json.dumps(result))
 
 

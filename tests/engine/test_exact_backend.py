@@ -35,6 +35,7 @@ def run_engine(
     max_tokens: int = 32,
     max_model_len: int = 2048,
     stats: bool = False,
+    tensor_parallel_size: int = 1,
     **options: Any,
 ) -> tuple[dict[str, Any], str]:
     """Run ``generate_script.py`` in a fresh process; return its JSON and log."""
@@ -56,19 +57,32 @@ def run_engine(
         "--max-model-len",
         str(max_model_len),
         *(["--stats"] if stats else []),
+        "--tensor-parallel-size",
+        str(tensor_parallel_size),
     ]
-    log = run_engine_script(SCRIPT, cmd[2:])
+    env = {}
+    if tensor_parallel_size > 1:
+        # vLLM's CPU worker binds each rank's threads to one NUMA node unless
+        # told otherwise; this machine has one node: one core per rank.
+        cores = sorted(os.sched_getaffinity(0))[:tensor_parallel_size]
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c) for c in cores)
+    log = run_engine_script(SCRIPT, cmd[2:], env)
     return json.loads(out.read_text()), log
 
 
-def run_engine_script(script: Path, args: list[str]) -> str:
+def run_engine_script(
+    script: Path, args: list[str], extra_env: dict[str, str] | None = None
+) -> str:
     """Run an engine script in a fresh process; return its log (fails the
     test with the log's tail if the script fails)."""
     # In-process engine core: requests reach the scheduler together, so batch
     # composition (and with it float summation order) is the same run to run;
     # with a separate engine process two dense runs can already differ.
     env = dict(
-        os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0"
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE="2",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        **(extra_env or {}),
     )
     proc = subprocess.run(
         [sys.executable, str(script), *args],

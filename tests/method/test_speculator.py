@@ -9,7 +9,7 @@ from tests.method.reference_twins import ref_speculate
 from vllm_infinigen.method.calibration import AttentionProjection
 from vllm_infinigen.method.rotary import NeoxRotary, apply_neox_rotary, rotate_half
 from vllm_infinigen.method.skew import fit_layer_skew
-from vllm_infinigen.method.speculator import LayerSpeculator
+from vllm_infinigen.method.speculator import HeadShard, LayerSpeculator
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 48, 6, 2, 16
 
@@ -203,3 +203,86 @@ def test_speculate_full_is_the_rotated_query() -> None:
     torch.testing.assert_close(full, proj.queries(x, pos), atol=1e-4, rtol=1e-4)
     folded, _, _ = _speculator(_projection(None, seed=4))
     assert folded.folded and folded.speculate_full(x, pos) is None
+
+
+@pytest.mark.parametrize(
+    ("tp", "expected"),
+    [
+        # 6 query heads, 2 KV heads (group of 3).
+        (1, [(range(0, 6), range(0, 2))]),
+        (2, [(range(0, 3), range(0, 1)), (range(3, 6), range(1, 2))]),
+        # More ranks than KV heads: each KV head on 3 consecutive ranks.
+        (
+            6,
+            [(range(r, r + 1), range(r // 3, r // 3 + 1)) for r in range(6)],
+        ),
+    ],
+)
+def test_head_shard_follows_the_tensor_parallel_split(
+    tp: int, expected: list[tuple[range, range]]
+) -> None:
+    got = [HeadShard.of_rank(HEADS, KV_HEADS, tp, r) for r in range(tp)]
+    assert [(s.query_heads, s.kv_heads) for s in got] == expected
+    for shard in got:  # every query head reads its own group's KV head
+        group = HEADS // KV_HEADS
+        assert {h // group for h in shard.query_heads} == set(shard.kv_heads)
+
+
+@pytest.mark.parametrize(
+    ("tp", "rank", "message"),
+    [
+        (4, 0, "does not divide the 6 query heads"),
+        (3, 0, "neither divides"),
+        (2, 2, "rank 2 outside"),
+    ],
+)
+def test_head_shard_refuses_impossible_splits(tp: int, rank: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HeadShard.of_rank(HEADS, KV_HEADS, tp, rank)
+
+
+@pytest.mark.parametrize(
+    ("rope", "q_norm"),
+    [(NeoxRotary(HEAD_DIM), False), (NeoxRotary(HEAD_DIM), True), (None, False)],
+)
+@pytest.mark.parametrize("tp", [2, 6])
+def test_rank_shard_computes_its_heads_of_the_whole(
+    rope: NeoxRotary | None, q_norm: bool, tp: int
+) -> None:
+    """A rank's speculator gives exactly its heads' slice of the whole layer's
+    speculated queries, partial keys and residual channels."""
+    proj = _projection(rope, q_norm)
+    spec, x, pos = _speculator(proj)
+    keys = proj.keys(x, pos)
+    whole_q = spec.speculate(x, pos)
+    whole_k = spec.partial_keys(keys)
+    query = proj.queries(x, pos)
+    whole_rq = spec.residual_query(query)
+    whole_rk = spec.residual_keys(keys)
+    for rank in range(tp):
+        heads = HeadShard.of_rank(HEADS, KV_HEADS, tp, rank)
+        part = spec.shard(heads)
+        q_slice = slice(heads.query_heads.start, heads.query_heads.stop)
+        kv_slice = slice(heads.kv_heads.start, heads.kv_heads.stop)
+        assert (part.num_heads, part.num_kv_heads) == (
+            len(heads.query_heads),
+            len(heads.kv_heads),
+        )
+        torch.testing.assert_close(
+            part.speculate(x, pos), whole_q[:, q_slice], rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            part.partial_keys(keys[:, kv_slice]), whole_k[:, kv_slice]
+        )
+        torch.testing.assert_close(
+            part.residual_query(query[:, q_slice]), whole_rq[:, q_slice]
+        )
+        torch.testing.assert_close(
+            part.residual_keys(keys[:, kv_slice]), whole_rk[:, kv_slice]
+        )
+
+
+def test_shard_refuses_another_layers_split() -> None:
+    spec, _, _ = _speculator(_projection(NeoxRotary(HEAD_DIM)))
+    with pytest.raises(ValueError, match="shard of 8 query / 2 KV heads"):
+        spec.shard(HeadShard.of_rank(8, KV_HEADS, 2, 0))

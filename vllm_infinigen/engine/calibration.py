@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from vllm.logger import init_logger
 
 from vllm_infinigen.config import InfiniGenConfig
@@ -47,20 +48,25 @@ def calibrate_model(
             "is not a directory"
         )
     text = load_calibration_text(config.calibration_file)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, low_cpu_mem_usage=True
-    )
-    model.eval()
-    options = CalibrationOptions(
-        partial_ratio=config.partial_ratio,
-        criterion=ChannelCriterion(config.partial_channels),
-    )
-    speculators = calibrate_hf_model(
-        model, tokenizer, options, text=text, cache=CalibrationCache(), progress=True
-    )
-    chosen = {i: speculators[i] for i in layers}
-    del model
+    cache = CalibrationCache()
+    cache.directory.mkdir(parents=True, exist_ok=True)
+    # Tensor-parallel ranks (and engines started together) calibrate one at a
+    # time: the first fills the cache, the others load from it.
+    with FileLock(str(cache.directory / "calibration.lock")):
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, low_cpu_mem_usage=True
+        )
+        model.eval()
+        options = CalibrationOptions(
+            partial_ratio=config.partial_ratio,
+            criterion=ChannelCriterion(config.partial_channels),
+        )
+        speculators = calibrate_hf_model(
+            model, tokenizer, options, text=text, cache=cache, progress=True
+        )
+        chosen = {i: speculators[i] for i in layers}
+        del model
     logger.info(
         "INFINIGEN calibration ready for %d layers in %.1f s (d_partial=%d)",
         len(chosen),

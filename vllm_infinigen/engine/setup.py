@@ -23,6 +23,7 @@ from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, LayerInfo, SparseLayer
 from vllm_infinigen.engine.policies.base import PolicyContext
 from vllm_infinigen.engine.runtime import InfiniGenRuntime
+from vllm_infinigen.method.speculator import HeadShard, LayerSpeculator
 
 PreHook = Callable[[torch.nn.Module, tuple[Any, ...]], None]
 
@@ -148,17 +149,72 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
     )
 
 
+def check_parallel_layout(vllm_config: VllmConfig) -> None:
+    """Refuse the parallel layouts INFINIGEN does not run (at start-up).
+
+    Tensor parallel runs (each rank speculates for its own heads); pipeline
+    parallel is refused: the first layer of every later stage would have to
+    speculate from a layer that runs on another stage.
+    """
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(
+            "--attention-backend infinigen does not support pipeline parallelism "
+            f"(pipeline_parallel_size={parallel.pipeline_parallel_size}; allowed: "
+            "1). Use --tensor-parallel-size to spread a model over devices."
+        )
+
+
+def _rank_speculators(
+    speculators: dict[int, LayerSpeculator],
+    attention_layers: dict[str, Any],
+    infos: dict[int, LayerInfo],
+) -> dict[int, LayerSpeculator]:
+    """This tensor-parallel rank's share of each calibrated layer (the whole
+    layer at ``tensor_parallel_size`` 1)."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    tp_size = get_tensor_model_parallel_world_size()
+    if tp_size == 1:
+        return speculators
+    rank = get_tensor_model_parallel_rank()
+    out = {}
+    shards: dict[tuple[range, range], None] = {}  # distinct, in order
+    for index, whole in speculators.items():
+        heads = HeadShard.of_rank(whole.num_heads, whole.num_kv_heads, tp_size, rank)
+        part = whole.shard(heads)
+        impl = attention_layers[infos[index].name].impl
+        if (part.num_heads, part.num_kv_heads) != (impl.num_heads, impl.num_kv_heads):
+            raise ValueError(
+                f"INFINIGEN: layer {index} on tensor-parallel rank {rank} computes "
+                f"{impl.num_heads} query / {impl.num_kv_heads} KV heads, but the "
+                f"calibrated layer splits into {part.num_heads} / {part.num_kv_heads}"
+            )
+        out[index] = part
+        shards[(heads.query_heads, heads.kv_heads)] = None
+    for query, kv in shards:
+        logger.info(
+            "INFINIGEN tensor-parallel rank %d of %d speculates for query heads "
+            "%d..%d and KV heads %d..%d",
+            rank,
+            tp_size,
+            query.start,
+            query.stop - 1,
+            kv.start,
+            kv.stop - 1,
+        )
+    return out
+
+
 def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:
     """Build this worker's runtime for ``model`` and install its hooks."""
     from vllm_infinigen.engine.calibration import calibrate_model
 
     config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
-    parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        raise ValueError(
-            "--attention-backend infinigen supports tensor_parallel_size=1 and "
-            "pipeline_parallel_size=1 in this version"
-        )
+    check_parallel_layout(vllm_config)
     attention_layers = {
         name: layer
         for name, layer in vllm_config.compilation_config.static_forward_context.items()
@@ -169,6 +225,7 @@ def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenR
     dense = {i: info.reason for i, info in sorted(infos.items()) if not info.sparse}
     logger.info("INFINIGEN sparse layers %s; dense layers %s", sparse, dense)
     speculators = calibrate_model(vllm_config.model_config.model, config, sparse)
+    speculators = _rank_speculators(speculators, attention_layers, infos)
     head_dim = next(iter(speculators.values())).head_dim if speculators else None
     runtime = InfiniGenRuntime(
         config, infos, speculators, _policy_context(vllm_config, head_dim)

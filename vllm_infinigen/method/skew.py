@@ -183,6 +183,16 @@ class LayerSkew:
     def d_partial(self) -> int:
         return int(self.channels.shape[1])
 
+    def kv_heads(self, heads: range) -> LayerSkew:
+        """The skew of a subset of this layer's KV heads (a tensor-parallel
+        rank's), ``heads`` a range of KV head indices."""
+        if heads.start < 0 or heads.stop > self.num_kv_heads or len(heads) < 1:
+            raise ValueError(f"KV heads {heads} outside 0..{self.num_kv_heads - 1}")
+        part = slice(heads.start, heads.stop, heads.step)
+        return LayerSkew(
+            skew=self.skew[part].contiguous(), channels=self.channels[part].contiguous()
+        )
+
     def partial_basis(self) -> torch.Tensor:
         """``A[:, :, channels]``: ``[num_kv_heads, head_dim, d_partial]``."""
         return self._columns(self.channels)

@@ -38,6 +38,54 @@ from .rotary import HeadNormFn, RotaryFn
 from .skew import LayerSkew, fold_skew_into_projection
 
 
+@dataclass(frozen=True)
+class HeadShard:
+    """The attention heads one tensor-parallel rank computes.
+
+    vLLM splits a layer's query heads evenly over the ranks; KV heads too
+    when there are at least as many as ranks, else each KV head is
+    replicated on ``tp_size / num_kv_heads`` consecutive ranks (one KV head
+    per rank). Either way a rank's query heads read only its KV heads.
+
+    Attributes:
+        query_heads: the rank's query heads (global indices).
+        kv_heads: the rank's KV heads (global indices).
+        total_heads, total_kv_heads: the whole layer's.
+    """
+
+    query_heads: range
+    kv_heads: range
+    total_heads: int
+    total_kv_heads: int
+
+    @classmethod
+    def of_rank(
+        cls, num_heads: int, num_kv_heads: int, tp_size: int, rank: int
+    ) -> HeadShard:
+        """Rank ``rank``'s heads among ``tp_size`` (vLLM's partition)."""
+        if not 0 <= rank < tp_size:
+            raise ValueError(f"rank {rank} outside 0..{tp_size - 1}")
+        if num_heads % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} does not divide the "
+                f"{num_heads} query heads"
+            )
+        if num_kv_heads % tp_size and tp_size % num_kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} and the {num_kv_heads} KV heads: "
+                "neither divides the other"
+            )
+        per_rank = num_heads // tp_size
+        query = range(rank * per_rank, (rank + 1) * per_rank)
+        if num_kv_heads >= tp_size:
+            kv_per_rank = num_kv_heads // tp_size
+            kv = range(rank * kv_per_rank, (rank + 1) * kv_per_rank)
+        else:
+            head = rank // (tp_size // num_kv_heads)
+            kv = range(head, head + 1)
+        return cls(query, kv, num_heads, num_kv_heads)
+
+
 @dataclass(frozen=True, eq=False)
 class LayerSpeculator:
     """Frozen per-layer speculation state.
@@ -114,6 +162,39 @@ class LayerSpeculator:
             q_norm=q_norm,
             folded=folded,
             residual_basis=layer_skew.residual_basis().to(q_weight.dtype),
+        )
+
+    def shard(self, heads: HeadShard) -> LayerSpeculator:
+        """This layer's speculator for one tensor-parallel rank: its query
+        heads' rows of the query projection and its KV heads' skew, channels
+        and bases (queries read the same KV head as in the whole layer)."""
+        if heads.total_heads != self.num_heads or (
+            heads.total_kv_heads != self.num_kv_heads
+        ):
+            raise ValueError(
+                f"shard of {heads.total_heads} query / {heads.total_kv_heads} KV "
+                f"heads for a layer of {self.num_heads} / {self.num_kv_heads}"
+            )
+        rows_per_head = self.d_partial if self.folded else self.head_dim
+        rows = slice(
+            heads.query_heads.start * rows_per_head,
+            heads.query_heads.stop * rows_per_head,
+        )
+        skew = self.layer_skew.kv_heads(heads.kv_heads)
+        kv = slice(heads.kv_heads.start, heads.kv_heads.stop)
+        residual = self.residual_basis
+        return LayerSpeculator(
+            layer_skew=skew,
+            num_heads=len(heads.query_heads),
+            query_weight=self.query_weight[rows].contiguous(),
+            query_bias=None
+            if self.query_bias is None
+            else self.query_bias[rows].contiguous(),
+            key_basis=self.key_basis[kv].contiguous(),
+            rope=self.rope,
+            q_norm=self.q_norm,
+            folded=self.folded,
+            residual_basis=None if residual is None else residual[kv].contiguous(),
         )
 
     @property
