@@ -403,3 +403,16 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
 
 
 DEFAULT_CONFIG = InfiniGenConfig()
+
+
+def check_parallel_layout(pipeline_parallel_size: int) -> None:
+    """Refuse the parallel layouts INFINIGEN does not run (``docs/
+    deployment.md``). Tensor parallel runs, each rank speculating for its
+    own heads; pipeline parallel does not: the first layer of every later
+    stage would have to speculate from a layer on another stage."""
+    if pipeline_parallel_size > 1:
+        raise ValueError(
+            "--attention-backend infinigen does not support pipeline parallelism "
+            f"(pipeline_parallel_size={pipeline_parallel_size}; allowed: 1). "
+            "Use --tensor-parallel-size to spread a model over devices."
+        )

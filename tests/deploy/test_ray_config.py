@@ -145,7 +145,9 @@ def test_pipeline_parallel_refused(no_ray: None) -> None:
     from vllm_infinigen.ray_serve import build_app
 
     with pytest.raises(ValueError, match="pipeline_parallel_size.*allowed: 1"):
-        build_app({"model_source": MODEL, "engine_kwargs": {"pipeline_parallel_size": 2}})
+        build_app(
+            {"model_source": MODEL, "engine_kwargs": {"pipeline_parallel_size": 2}}
+        )
 
 
 @pytest.mark.parametrize("size", [0, -1, 1.5, "2"])

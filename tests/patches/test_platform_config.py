@@ -61,3 +61,19 @@ def test_bad_options_stop_config(
             additional_config={"infinigen": options},
         )
     assert message in str(info.value)
+
+
+def test_pipeline_parallel_refused_at_config(qwen_model_dir: Path) -> None:
+    with pytest.raises(Exception) as info:
+        _engine_config(
+            qwen_model_dir, attention_backend="infinigen", pipeline_parallel_size=2
+        )
+    assert "pipeline_parallel_size=2; allowed: 1" in str(info.value)
+
+
+def test_tensor_parallel_accepted_at_config(qwen_model_dir: Path) -> None:
+    config = _engine_config(
+        qwen_model_dir, attention_backend="infinigen", tensor_parallel_size=2
+    )
+    assert config.parallel_config.tensor_parallel_size == 2
+    assert config.attention_config.backend.name == "INFINIGEN"

@@ -18,7 +18,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from vllm_infinigen.config import InfiniGenConfig
+from vllm_infinigen.config import InfiniGenConfig, check_parallel_layout
 from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, LayerInfo, SparseLayer
 from vllm_infinigen.engine.policies.base import PolicyContext
@@ -149,22 +149,6 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
     )
 
 
-def check_parallel_layout(vllm_config: VllmConfig) -> None:
-    """Refuse the parallel layouts INFINIGEN does not run (at start-up).
-
-    Tensor parallel runs (each rank speculates for its own heads); pipeline
-    parallel is refused: the first layer of every later stage would have to
-    speculate from a layer that runs on another stage.
-    """
-    parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size > 1:
-        raise ValueError(
-            "--attention-backend infinigen does not support pipeline parallelism "
-            f"(pipeline_parallel_size={parallel.pipeline_parallel_size}; allowed: "
-            "1). Use --tensor-parallel-size to spread a model over devices."
-        )
-
-
 def _rank_speculators(
     speculators: dict[int, LayerSpeculator],
     attention_layers: dict[str, Any],
@@ -214,7 +198,7 @@ def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenR
     from vllm_infinigen.engine.calibration import calibrate_model
 
     config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
-    check_parallel_layout(vllm_config)
+    check_parallel_layout(vllm_config.parallel_config.pipeline_parallel_size)
     attention_layers = {
         name: layer
         for name, layer in vllm_config.compilation_config.static_forward_context.items()

@@ -18,7 +18,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from vllm_infinigen.config import ADDITIONAL_CONFIG_KEY, InfiniGenConfig
+from vllm_infinigen.config import (
+    ADDITIONAL_CONFIG_KEY,
+    InfiniGenConfig,
+    check_parallel_layout,
+)
 from vllm_infinigen.patches._version import require_vllm
 
 PATCH_NAME = "platform_config"
@@ -77,6 +81,7 @@ def _add_worker_extension(vllm_config: Any) -> None:
 def validate(vllm_config: Any) -> InfiniGenConfig:
     """Parse and validate our options against the model. Raises ValueError."""
     config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
+    check_parallel_layout(vllm_config.parallel_config.pipeline_parallel_size)
     model_config = vllm_config.model_config
     if model_config is not None:
         text_config = model_config.hf_text_config
