@@ -44,7 +44,7 @@ QUERY_SOURCES: tuple[str, ...] = ("auto", "speculated", "real")
 
 #: How calibration ranks a head's channels for the partial keys
 #: (``method/skew.py``'s ``ChannelCriterion``).
-PARTIAL_CHANNELS: tuple[str, ...] = ("query", "query_key")
+PARTIAL_CHANNELS: tuple[str, ...] = ("query", "query_key", "query_key_spread")
 
 
 #: Options the runtime may change while serving (``infinigen_configure``,

@@ -45,8 +45,13 @@ def ref_channels(
     skew: torch.Tensor,
     d_partial: int,
     use_keys: bool,
+    spread_block: int = 0,
 ) -> torch.Tensor:
-    """Top ``d_partial`` channels per KV head, ascending (ties: lower index)."""
+    """Top ``d_partial`` channels per KV head, ascending (ties: lower index).
+
+    ``spread_block > 0``: the query's mean square times the keys' variance
+    within consecutive blocks of that many tokens (a trailing partial block
+    left out)."""
     _, num_heads, head_dim = queries.shape
     num_kv = keys.shape[1]
     group = num_heads // num_kv
@@ -59,7 +64,17 @@ def ref_channels(
         scores = []
         for c in range(head_dim):
             q_col = (q_g @ a[:, c]).abs()
-            if use_keys:
+            if spread_block:
+                k_col = keys[:, g, :].double() @ a[:, c]
+                whole = max(1, len(k_col) // spread_block)
+                width = min(spread_block, len(k_col))
+                deviations = []
+                for b in range(whole):
+                    part = k_col[b * width : (b + 1) * width]
+                    deviations += [float(v - part.mean()) ** 2 for v in part]
+                spread = sum(deviations) / len(deviations)
+                scores.append((float(q_col.pow(2).mean()) * spread, c))
+            elif use_keys:
                 k_col = (keys[:, g, :].double() @ a[:, c]).abs()
                 scores.append((float(q_col.mean() * k_col.mean()), c))
             else:

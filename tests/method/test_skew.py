@@ -7,6 +7,7 @@ import torch
 
 from tests.method.reference_twins import ref_channels, ref_skew
 from vllm_infinigen.method.skew import (
+    SPREAD_BLOCK,
     ChannelCriterion,
     LayerSkew,
     channel_scores,
@@ -122,7 +123,14 @@ def test_channels_match_reference(criterion: ChannelCriterion, skewed: bool) -> 
     q, k = _calibration(150, 6, 3, 16, seed=5)
     layer = fit_layer_skew(q, k, partial_ratio=0.3, criterion=criterion, skew=skewed)
     expected = ref_channels(
-        q, k, layer.skew, 5, use_keys=criterion is ChannelCriterion.QUERY_KEY
+        q,
+        k,
+        layer.skew,
+        5,
+        use_keys=criterion is ChannelCriterion.QUERY_KEY,
+        spread_block=SPREAD_BLOCK
+        if criterion is ChannelCriterion.QUERY_KEY_SPREAD
+        else 0,
     )
     assert torch.equal(layer.channels, expected)
     if not skewed:
@@ -147,6 +155,27 @@ def test_query_key_criterion_can_differ_from_query_only() -> None:
     assert top_channels(q_only, 1).item() == 0
     qk = channel_scores(q, k, eye, ChannelCriterion.QUERY_KEY)
     assert top_channels(qk, 1).item() == 1
+
+
+def test_key_spread_criterion_leaves_out_block_constant_keys() -> None:
+    """Channel 0 has the biggest queries but keys that are constant within
+    each block (the residual block term carries them exactly); channel 1's
+    keys vary inside blocks: the spread criterion keeps channel 1."""
+    tokens = 4 * SPREAD_BLOCK
+    q = torch.zeros(tokens, 1, 3)
+    k = torch.zeros(tokens, 1, 3)
+    q[:, 0, 0] = 10.0
+    k[:, 0, 0] = torch.arange(tokens).div(SPREAD_BLOCK, rounding_mode="floor") * 5.0
+    q[:, 0, 1] = 3.0
+    k[:, 0, 1] = torch.linspace(-1, 1, tokens).sin() * 3 + (torch.arange(tokens) % 2)
+    q[:, 0, 2] = 0.1
+    eye = identity_skew(1, 3)
+    assert (
+        top_channels(channel_scores(q, k, eye, ChannelCriterion.QUERY), 1).item() == 0
+    )
+    spread = channel_scores(q, k, eye, ChannelCriterion.QUERY_KEY_SPREAD)
+    assert spread[0, 0] == 0.0
+    assert top_channels(spread, 1).item() == 1
 
 
 def test_partial_basis_gathers_selected_columns() -> None:

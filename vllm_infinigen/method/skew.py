@@ -24,7 +24,12 @@ Definitions (per layer, per KV head ``g``; ``G = num_heads / num_kv_heads``):
   ``Q_g A_g`` with the largest score, returned ascending. Criterion
   :attr:`ChannelCriterion.QUERY` (InfiniGen artifact): ``sum_t |Q_g A_g|``;
   :attr:`ChannelCriterion.QUERY_KEY` (the paper's text, artifact issue #7):
-  ``mean_t |Q_g A_g| * mean_t |K_g A_g|``. Ties go to the lower column.
+  ``mean_t |Q_g A_g| * mean_t |K_g A_g|``;
+  :attr:`ChannelCriterion.QUERY_KEY_SPREAD` (this project, made for the
+  residual block term): ``mean_t (Q_g A_g)^2`` times the keys' variance
+  around their mean within blocks of :data:`SPREAD_BLOCK` consecutive
+  calibration tokens, the expected within-block variation of the channel's
+  logit term. Ties go to the lower column.
 * Without skewing (``A = I``) the same criteria pick raw post-RoPE channels.
 """
 
@@ -42,6 +47,13 @@ class ChannelCriterion(enum.Enum):
 
     QUERY = "query"
     QUERY_KEY = "query_key"
+    QUERY_KEY_SPREAD = "query_key_spread"
+
+
+#: Tokens per block over which :attr:`ChannelCriterion.QUERY_KEY_SPREAD`
+#: measures the keys' spread (consecutive calibration tokens; the engine's
+#: CPU default block size).
+SPREAD_BLOCK = 32
 
 
 def partial_dim(head_dim: int, ratio: float) -> int:
@@ -137,8 +149,20 @@ def channel_scores(
     q_mag = (group_queries(queries.to(torch.float64), num_kv_heads) @ a).abs()
     if criterion is ChannelCriterion.QUERY:
         return q_mag.sum(dim=1)
-    k_mag = (keys.to(torch.float64).transpose(0, 1) @ a).abs()
-    return q_mag.mean(dim=1) * k_mag.mean(dim=1)
+    k_skewed = keys.to(torch.float64).transpose(0, 1) @ a  # [kv, tokens, d]
+    if criterion is ChannelCriterion.QUERY_KEY:
+        return q_mag.mean(dim=1) * k_skewed.abs().mean(dim=1)
+    # QUERY_KEY_SPREAD: a channel's share of the logits' variation *within*
+    # blocks. The residual block term carries each block's mean key on the
+    # channels left out, so a channel whose keys are nearly constant across
+    # a block costs little to leave out, however large the query there.
+    blocks = max(1, k_skewed.shape[1] // SPREAD_BLOCK)
+    width = min(SPREAD_BLOCK, k_skewed.shape[1])
+    k_blocks = k_skewed[:, : blocks * width].reshape(
+        k_skewed.shape[0], blocks, width, -1
+    )
+    spread = (k_blocks - k_blocks.mean(dim=2, keepdim=True)).pow(2).mean(dim=(1, 2))
+    return q_mag.pow(2).mean(dim=1) * spread
 
 
 def top_channels(scores: torch.Tensor, d_partial: int) -> torch.Tensor:
