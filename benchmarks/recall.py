@@ -206,6 +206,12 @@ def selection_study() -> list[Setting]:
                 default,
                 True,
             ),
+            (
+                "query_key_spread",
+                Variant(0.3, True, ChannelCriterion.QUERY_KEY_SPREAD),
+                default,
+                True,
+            ),
             ("ratio_0.5", Variant(0.5, True), default, True),
             ("no_residual", main, replace(default, residual=False), True),
             (
