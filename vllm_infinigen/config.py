@@ -194,8 +194,10 @@ class InfiniGenConfig:
     partial_channels: str = "query"
     """How calibration picks each head's partial channels, one of
     :data:`PARTIAL_CHANNELS`: ``query`` (largest mean ``|query|`` after the
-    skew, as the paper's code does) or ``query_key`` (largest ``|query| *
-    |key|``, as the paper's text describes). Fixed at start-up."""
+    skew, as the paper's code does), ``query_key`` (largest ``|query| *
+    |key|``, as the paper's text describes) or ``query_key_spread`` (query
+    energy times the keys' spread within blocks, the part the residual
+    block term cannot carry). Fixed at start-up."""
 
     recall_sample_rate: float = 0.01
     """Share of sparse decode steps on which the engine measures its
