@@ -90,6 +90,43 @@ def test_cache_round_trip_and_corrupt_file(tmp_path: Any) -> None:
     assert cache.load("bad") is None
 
 
+def test_damaged_cache_file_is_recalibrated_with_a_warning(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated file, and one with a byte changed inside a tensor (which
+    still loads), are never used: load warns and returns None, so
+    calibration runs again and overwrites them."""
+    cache = CalibrationCache(tmp_path)
+    skew = torch.linalg.qr(
+        torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(3))
+    )[0]
+    layers = [
+        LayerSkew(skew=skew.contiguous(), channels=torch.tensor([[1, 5], [0, 7]]))
+    ]
+    path = cache.save("k", layers)
+    data = path.read_bytes()
+
+    path.write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        assert cache.load("k") is None
+    assert "not used, recalibrating" in caplog.text
+
+    # Flip one byte of the skew's float data: find it by its bytes.
+    raw = skew.contiguous().numpy().tobytes()
+    at = data.index(raw[:16]) + 5
+    damaged = bytearray(data)
+    damaged[at] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert cache.load("k") is None
+    assert "does not match its digest" in caplog.text
+
+    path.write_bytes(data)  # intact again: used
+    loaded = cache.load("k")
+    assert loaded is not None and torch.equal(loaded[0].skew, skew)
+
+
 def _synthetic_inputs(num_layers: int = 3) -> list[LayerCalibrationInput]:
     g = torch.Generator().manual_seed(0)
     inputs = []

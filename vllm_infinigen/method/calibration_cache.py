@@ -22,8 +22,9 @@ from .skew import LayerSkew
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-"""Bumped whenever the stored content or the calibration math changes."""
+CACHE_FORMAT = 2
+"""Bumped whenever the stored content or the calibration math changes
+(2: a digest of the stored tensors, checked on load)."""
 
 
 def default_cache_dir() -> Path:
@@ -86,8 +87,17 @@ class CalibrationCache:
                 LayerSkew(skew=entry["skew"], channels=entry["channels"])
                 for entry in payload["layers"]
             ]
-        except Exception:  # a torn or foreign file: recompute, don't fail
-            logger.warning("calibration cache %s unreadable, recomputing", path)
+            problem = ""
+            if payload.get("format") != CACHE_FORMAT:
+                problem = f"format {payload.get('format')!r}, expected {CACHE_FORMAT}"
+            elif payload.get("digest") != _layers_digest(layers):
+                problem = "its content does not match its digest"
+        except Exception as error:  # a torn or foreign file: recompute, don't fail
+            problem = f"unreadable ({type(error).__name__}: {error})"
+        if problem:
+            logger.warning(
+                "calibration cache %s not used, recalibrating: %s", path, problem
+            )
             return None
         logger.info("calibration loaded from %s", path)
         return layers
@@ -100,8 +110,18 @@ class CalibrationCache:
         payload = {
             "format": CACHE_FORMAT,
             "layers": [{"skew": s.skew, "channels": s.channels} for s in layers],
+            "digest": _layers_digest(layers),
         }
         torch.save(payload, tmp)
         tmp.replace(path)
         logger.info("calibration saved to %s", path)
         return path
+
+
+def _layers_digest(layers: list[LayerSkew]) -> str:
+    """Digest of the stored tensors: a file damaged after it was written
+    (a flipped byte inside a tensor loads without error) fails it."""
+    named = []
+    for i, layer in enumerate(layers):
+        named += [(f"{i}.skew", layer.skew), (f"{i}.channels", layer.channels)]
+    return tensor_digest(named)
