@@ -33,6 +33,11 @@ def main() -> None:
     parser.add_argument("--infinigen", default="{}", help="JSON infinigen options")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="include vLLM's counters (preemptions, ...) in the JSON",
+    )
+    parser.add_argument(
         "--stats", action="store_true", help="include the INFINIGEN counters"
     )
     args = parser.parse_args()
@@ -55,6 +60,7 @@ def main() -> None:
         block_size=args.block_size,
         seed=0,
         tensor_parallel_size=args.tensor_parallel_size,
+        disable_log_stats=not args.metrics,
         **kwargs,  # type: ignore[arg-type]
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
@@ -67,6 +73,10 @@ def main() -> None:
         "texts": [o.outputs[0].text for o in outputs],
         "seconds": elapsed,
     }
+    if args.metrics:
+        result["metrics"] = {
+            m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")
+        }
     if args.stats:
         # One result per worker (tensor-parallel rank).
         ranks = llm.collective_rpc("infinigen_stats")

@@ -36,6 +36,7 @@ def run_engine(
     max_model_len: int = 2048,
     stats: bool = False,
     tensor_parallel_size: int = 1,
+    metrics: bool = False,
     **options: Any,
 ) -> tuple[dict[str, Any], str]:
     """Run ``generate_script.py`` in a fresh process; return its JSON and log."""
@@ -59,6 +60,7 @@ def run_engine(
         *(["--stats"] if stats else []),
         "--tensor-parallel-size",
         str(tensor_parallel_size),
+        *(["--metrics"] if metrics else []),
     ]
     env = {}
     if tensor_parallel_size > 1:
