@@ -26,10 +26,22 @@ pytestmark = pytest.mark.slow
 
 MODULES = ("textwrap", "argparse", "shlex", "fractions")
 MAX_TOKENS = 160
-#: INFINIGEN's ``host_pool_gib`` (on CPU, vLLM's KV pool). Qwen2.5-0.5B in
-#: float32 holds 24 KiB per token: 0.025 GiB is about 1,100 tokens, where
-#: the four requests reach 310-350 tokens each.
-SMALL_POOL_GIB = 0.025
+#: Tokens the small pool holds: the four requests reach 310-350 tokens each
+#: (prompts of 150-200 tokens), and one request needs at most 768.
+SMALL_POOL_TOKENS = 1100
+
+
+def small_pool_gib(model: Path) -> float:
+    """INFINIGEN's ``host_pool_gib`` (on CPU, vLLM's KV pool) holding about
+    :data:`SMALL_POOL_TOKENS` tokens of this model's float32 KV cache."""
+    config = json.loads((model / "config.json").read_text())
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // config["num_attention_heads"]
+    )
+    per_token = (
+        config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2 * 4
+    )
+    return SMALL_POOL_TOKENS * per_token / (1 << 30)
 
 
 def _run(model: Path, prompts: Path, name: str, **kwargs: Any) -> dict[str, Any]:
@@ -55,7 +67,11 @@ def test_preempted_requests_recompute_to_the_same_tokens(
     options = {"budget": 1.0, "swap_mode": "sync"}
     roomy = _run(qwen_model_dir, prompts, "roomy", **options)
     tight = _run(
-        qwen_model_dir, prompts, "tight", host_pool_gib=SMALL_POOL_GIB, **options
+        qwen_model_dir,
+        prompts,
+        "tight",
+        host_pool_gib=small_pool_gib(qwen_model_dir),
+        **options,
     )
     assert roomy["metrics"].get("vllm:num_preemptions", 0) == 0
     assert tight["metrics"]["vllm:num_preemptions"] > 0, tight["metrics"]
