@@ -7,10 +7,12 @@ of ``--pool-tokens`` tokens (the ``host_pool_gib`` option; on CPU it is
 vLLM's own paged cache) and ``sparse_min_tokens`` 0, so that selection runs
 at these context lengths. Then, at ``--concurrency`` requests in flight:
 
-* long prompts: one of two PG-19 passages of ``--long-tokens`` tokens
-  (read in place from ``../shared/data``; shared prefixes, so prefix
-  caching prefills each once while it stays cached) with a question of its
-  own, and long outputs;
+* long prompts: a PG-19 passage of ``--long-tokens`` tokens (read in
+  place from ``../shared/data``; a shared prefix, so prefix caching
+  prefills it once while it stays cached) with a question of its own, and
+  long outputs (written to the end: ``ignore_eos``); the pool holds the
+  passage and only a few requests' outputs, so running requests outgrow
+  it and vLLM preempts;
 * short prompts: a line of Python source from the standard library;
 * half streamed, half not; a ``--cancel-share`` of the streamed ones
   closed by the client after a random number of chunks (vLLM aborts them).
@@ -133,10 +135,8 @@ def prompts(tokenizer: Any, args: argparse.Namespace, rng: random.Random) -> lis
     import textwrap as source_module
 
     words = BOOK.read_text(encoding="utf-8").split()
-    passages = []
-    for start in (0, len(words) // 2):
-        ids = tokenizer(" ".join(words[start : start + args.long_tokens]))["input_ids"]
-        passages.append(tokenizer.decode(ids[: args.long_tokens]))
+    ids = tokenizer(" ".join(words[: args.long_tokens]))["input_ids"]
+    passage = tokenizer.decode(ids[: args.long_tokens])
     lines = [
         line.strip()
         for line in inspect.getsource(source_module).splitlines()
@@ -151,7 +151,6 @@ def prompts(tokenizer: Any, args: argparse.Namespace, rng: random.Random) -> lis
     out = []
     for i in range(args.requests):
         if rng.random() < args.long_share:
-            passage = passages[i % 2]
             question = f"{questions[rng.randrange(len(questions))]} (request {i})"
             out.append(("long", f"{passage}\n\n{question}\n", args.long_output))
         else:
@@ -163,10 +162,17 @@ def prompts(tokenizer: Any, args: argparse.Namespace, rng: random.Random) -> lis
 async def one(
     client: Any, model: str, prompt: str, max_tokens: int, outcome: Outcome
 ) -> None:
+    # Long requests write their whole output (vLLM's ``ignore_eos``): their
+    # growth is what outgrows the pool.
+    extra = {"ignore_eos": outcome.kind == "long"}
     try:
         if not outcome.streamed:
             reply = await client.completions.create(
-                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.7
+                model=model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=0.7,
+                extra_body=extra,
             )
             choice = reply.choices[0]
             outcome.output_tokens = reply.usage.completion_tokens if reply.usage else 0
@@ -181,6 +187,7 @@ async def one(
             max_tokens=max_tokens,
             temperature=0.7,
             stream=True,
+            extra_body=extra,
         )
         chunks, text, finish = 0, "", None
         async for chunk in stream:
@@ -312,8 +319,8 @@ def main() -> None:
         "--pool-tokens",
         type=int,
         default=None,
-        help="KV pool in tokens (4800 | 2400): two passages and the outputs "
-        "in flight do not fit, so vLLM preempts",
+        help="KV pool in tokens (3400 | 1800): the passage and a few "
+        "requests' outputs; more in flight do not fit, so vLLM preempts",
     )
     parser.add_argument("--warmup", type=int, default=None, help="requests (24 | 8)")
     parser.add_argument("--seed", type=int, default=0)
@@ -323,7 +330,7 @@ def main() -> None:
     args.requests = args.requests or (60 if quick else 240)
     args.long_tokens = args.long_tokens or (1200 if quick else 3000)
     args.long_output = args.long_output or (96 if quick else 192)
-    args.pool_tokens = args.pool_tokens or (2400 if quick else 4800)
+    args.pool_tokens = args.pool_tokens or (1800 if quick else 3400)
     args.warmup = args.warmup or (8 if quick else 24)
     out = args.out or RESULTS / ("soak_quick.json" if quick else "soak.json")
 
@@ -345,7 +352,7 @@ def main() -> None:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log_path = out.with_suffix(".log")
+    log_path = out.with_name(f".{out.stem}.log")  # the server's log
     started = time.monotonic()
     proc = start_server(model, port, args, log_path)
     sampler = MemorySampler(proc.pid)
@@ -355,7 +362,7 @@ def main() -> None:
         sampler.start()
         before = probe(f"{base}/v1", "soak")
         t0 = time.monotonic()
-        # Warm-up: the first requests (both passages prefilled), then the rest.
+        # Warm-up: the first requests (the passage prefilled), then the rest.
         asyncio.run(
             load(
                 f"{base}/v1",

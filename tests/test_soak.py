@@ -1,0 +1,70 @@
+"""The measuring parts of ``benchmarks/soak.py`` (the soak itself runs a
+server for minutes and is a benchmark, not a test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def _load() -> ModuleType:
+    path = REPO_ROOT / "benchmarks" / "soak.py"
+    spec = importlib.util.spec_from_file_location("benchmark_soak", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+soak = _load()
+
+
+def test_pool_holds_the_asked_tokens(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 256,
+                "num_attention_heads": 4,
+            }
+        )
+    )
+    # 4 layers x 2 KV heads x 64 channels x (K + V) x 4 bytes = 4 KiB a token.
+    assert soak.pool_gib(tmp_path, 1 << 18) == pytest.approx(1.0)
+
+
+def test_counter_sums_every_label_set() -> None:
+    scrape = "\n".join(
+        [
+            "# HELP vllm:num_preemptions Preemptions.",
+            "# TYPE vllm:num_preemptions counter",
+            'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0',
+            'vllm:num_preemptions_total{engine="1",model_name="m"} 2.0',
+            "# TYPE other counter",
+            "other_total 7.0",
+            "",
+        ]
+    )
+    assert soak.counter(scrape, "vllm:num_preemptions") == 5.0
+    assert soak.counter(scrape, "missing") == 0.0
+
+
+def test_memory_summary_settles_after_warm_up_and_sees_growth() -> None:
+    gib = 1 << 30
+    flat = [(float(t), 2 * gib + (t % 3) * 1000) for t in range(100)]
+    summary = soak.memory_summary(flat, warm_from=10.0)
+    assert abs(summary["change"]) < 1e-5
+    growing = [(float(t), gib + t * gib // 100) for t in range(100)]
+    summary = soak.memory_summary(growing, warm_from=10.0)
+    assert summary["change"] > 0.5
+    assert summary["peak_gib"] == pytest.approx(1.99)
+    assert "note" in soak.memory_summary(flat[:5], warm_from=0.0)
