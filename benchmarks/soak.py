@@ -166,45 +166,35 @@ async def one(
     # growth is what outgrows the pool.
     extra = {"ignore_eos": outcome.kind == "long"}
     try:
-        if not outcome.streamed:
-            reply = await client.completions.create(
-                model=model,
-                prompt=prompt,
-                max_tokens=max_tokens,
-                temperature=0.7,
-                extra_body=extra,
-            )
-            choice = reply.choices[0]
-            outcome.output_tokens = reply.usage.completion_tokens if reply.usage else 0
-            ok = bool(choice.text) and choice.finish_reason in ("stop", "length")
-            outcome.status = "completed" if ok else "failed"
-            if not ok:
-                outcome.error = f"empty or unfinished: {choice.finish_reason!r}"
-            return
-        stream = await client.completions.create(
+        reply = await client.completions.create(
             model=model,
             prompt=prompt,
             max_tokens=max_tokens,
             temperature=0.7,
-            stream=True,
+            stream=outcome.streamed,
             extra_body=extra,
         )
-        chunks, text, finish = 0, "", None
-        async for chunk in stream:
-            chunks += 1
-            if chunk.choices:
-                text += chunk.choices[0].text or ""
-                finish = chunk.choices[0].finish_reason or finish
-            if outcome.cancel_after is not None and chunks >= outcome.cancel_after:
-                await stream.close()
-                outcome.status = "cancelled"
-                outcome.output_tokens = chunks
-                return
-        outcome.output_tokens = chunks
+        if outcome.streamed:
+            chunks, text, finish = 0, "", None
+            async for chunk in reply:
+                chunks += 1
+                if chunk.choices:
+                    text += chunk.choices[0].text or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                if outcome.cancel_after is not None and chunks >= outcome.cancel_after:
+                    await reply.close()
+                    outcome.status = "cancelled"
+                    outcome.output_tokens = chunks
+                    return
+            outcome.output_tokens = chunks
+        else:
+            choice = reply.choices[0]
+            text, finish = choice.text, choice.finish_reason
+            outcome.output_tokens = reply.usage.completion_tokens if reply.usage else 0
         ok = bool(text) and finish in ("stop", "length")
         outcome.status = "completed" if ok else "failed"
         if not ok:
-            outcome.error = f"stream ended without text or finish: {finish!r}"
+            outcome.error = f"no text or no finish reason: {finish!r}"
     except Exception as error:  # a failure to report, never to hide
         outcome.status = "failed"
         outcome.error = f"{type(error).__name__}: {error}"[:300]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -14,6 +16,20 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # vLLM's CPU platform sizes its KV cache from this (GiB); keep tests small.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def load_benchmark(script: str) -> ModuleType:
+    """A script of ``benchmarks/`` imported as module ``benchmark_<name>``
+    (the scripts are not a package)."""
+    name = f"benchmark_{Path(script).stem}"
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "benchmarks" / script
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _has_cuda() -> bool:

@@ -10,34 +10,23 @@ the plan puts under 15 minutes.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_benchmark
 from vllm_infinigen.models import is_built, model_path
 
 ACCURACY = REPO_ROOT / "benchmarks" / "accuracy.py"
 QWEN = "qwen2.5-coder-0.5b"
 GEMMA = "gemma3-270m"
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy", ACCURACY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-acc = _load()
+acc = load_benchmark("accuracy.py")
 
 
 def _encoder(name: str) -> Any:

@@ -3,28 +3,14 @@ server for minutes and is a benchmark, not a test)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_benchmark
 
-
-def _load() -> ModuleType:
-    path = REPO_ROOT / "benchmarks" / "soak.py"
-    spec = importlib.util.spec_from_file_location("benchmark_soak", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load()
+soak = load_benchmark("soak.py")
 
 
 def test_pool_holds_the_asked_tokens(tmp_path: Path) -> None:
