@@ -28,7 +28,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_infinigen.config import ADDITIONAL_CONFIG_KEY, InfiniGenConfig
+from vllm_infinigen.config import (
+    ADDITIONAL_CONFIG_KEY,
+    InfiniGenConfig,
+    check_parallel_layout,
+)
 
 #: Serve application name used by :func:`main`.
 APP_NAME = "infinigen"
@@ -44,11 +48,6 @@ HEALTH_CHECK_PERIOD_S = 30.0
 
 #: Engine arguments this module sets itself; a caller's value is refused.
 OWN_ENGINE_KWARGS: tuple[str, ...] = ("attention_backend", "additional_config")
-
-#: Engine arguments the plugin refuses above 1 (``engine/setup.py``
-#: ``check_parallel_layout``): a stage's first layer cannot speculate from
-#: the previous stage's last.
-REFUSED_PARALLEL_KWARGS: tuple[str, ...] = ("pipeline_parallel_size",)
 
 #: ``accelerator`` values: ``auto`` (CPU when torch sees no CUDA device in the
 #: process that builds the config, else Ray's own choice), ``cpu``, ``gpu``.
@@ -108,19 +107,14 @@ def _engine_kwargs(
             "(attention_backend='infinigen', additional_config carrying the "
             "'infinigen' options); pass INFINIGEN options as `infinigen` instead"
         )
-    for key in REFUSED_PARALLEL_KWARGS:
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
         size = kwargs.get(key, 1)
-        if size != 1:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(
-                f"engine_kwargs {key!r}={size!r}: the INFINIGEN backend does not "
-                "support pipeline parallelism (allowed: 1); use "
-                "tensor_parallel_size, num_replicas or autoscaling instead"
+                f"engine_kwargs {key!r} must be an integer >= 1, got {size!r}"
             )
-    tp = kwargs.get("tensor_parallel_size", 1)
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(
-            f"engine_kwargs 'tensor_parallel_size' must be an integer >= 1, got {tp!r}"
-        )
+    # The engine's own refusal (config.py), here before any replica starts.
+    check_parallel_layout(kwargs.get("pipeline_parallel_size", 1))
     kwargs["attention_backend"] = "infinigen"
     kwargs["additional_config"] = {ADDITIONAL_CONFIG_KEY: infinigen}
     return kwargs

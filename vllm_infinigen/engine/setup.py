@@ -18,7 +18,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from vllm_infinigen.config import InfiniGenConfig, check_parallel_layout
+from vllm_infinigen.config import InfiniGenConfig
 from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, LayerInfo, SparseLayer
 from vllm_infinigen.engine.policies.base import PolicyContext
@@ -198,7 +198,6 @@ def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenR
     from vllm_infinigen.engine.calibration import calibrate_model
 
     config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
-    check_parallel_layout(vllm_config.parallel_config.pipeline_parallel_size)
     attention_layers = {
         name: layer
         for name, layer in vllm_config.compilation_config.static_forward_context.items()
