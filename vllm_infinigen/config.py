@@ -418,3 +418,45 @@ def check_parallel_layout(pipeline_parallel_size: int) -> None:
             f"(pipeline_parallel_size={pipeline_parallel_size}; allowed: 1). "
             "Use --tensor-parallel-size to spread a model over devices."
         )
+
+
+def check_model_support(
+    *,
+    architecture: str,
+    use_mla: bool = False,
+    is_encoder_decoder: bool = False,
+    is_attention_free: bool = False,
+    runner_type: str = "generate",
+) -> None:
+    """Refuse the models INFINIGEN cannot serve, naming what is unsupported.
+
+    INFINIGEN chooses the KV blocks a decoder's self-attention reads while
+    it generates. A model without that attention, or whose KV is not one key
+    and one value per head (multi-head latent attention keeps a compressed
+    latent instead), has nothing it can speculate on; a pooling runner never
+    decodes.
+    """
+    reason = ""
+    if use_mla:
+        reason = (
+            "multi-head latent attention (MLA) is not supported: its KV cache "
+            "holds a compressed latent, not the per-head keys INFINIGEN scores"
+        )
+    elif is_attention_free:
+        reason = "the model has no attention layers"
+    elif is_encoder_decoder:
+        reason = (
+            "encoder-decoder models are not supported (cross-attention); "
+            "decoder-only models are"
+        )
+    elif runner_type == "pooling":
+        reason = (
+            "--runner pooling is not supported (allowed: generate): INFINIGEN "
+            "selects KV blocks at decode, which embedding, classification and "
+            "encoder-only models never do"
+        )
+    if reason:
+        raise ValueError(
+            f"--attention-backend infinigen cannot serve {architecture}: {reason}. "
+            "Serve this model with vLLM's default attention backend."
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,90 @@ def test_tensor_parallel_accepted_at_config(qwen_model_dir: Path) -> None:
     )
     assert config.parallel_config.tensor_parallel_size == 2
     assert config.attention_config.backend.name == "INFINIGEN"
+
+
+#: Configurations of models INFINIGEN refuses (no weights: vLLM builds its
+#: configuration from ``config.json`` alone, and the refusal comes first).
+UNSUPPORTED_MODELS = {
+    "mla": (
+        {
+            "architectures": ["DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v2",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "kv_lora_rank": 32,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 16,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 16,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "first_k_dense_replace": 1,
+            "vocab_size": 1000,
+            "max_position_embeddings": 2048,
+            "torch_dtype": "float32",
+        },
+        "DeepseekV2ForCausalLM: multi-head latent attention (MLA) is not supported",
+    ),
+    "encoder-only": (
+        {
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "vocab_size": 1000,
+            "max_position_embeddings": 2048,
+            "torch_dtype": "float32",
+        },
+        "BertModel: --runner pooling is not supported (allowed: generate)",
+    ),
+}
+
+
+def unsupported_model(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A folder with the configuration of an unsupported model, and the
+    refusal expected for it."""
+    config, message = UNSUPPORTED_MODELS[kind]
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, message
+
+
+@pytest.mark.parametrize("kind", sorted(UNSUPPORTED_MODELS))
+def test_unsupported_model_refused_at_config(tmp_path: Path, kind: str) -> None:
+    folder, message = unsupported_model(tmp_path, kind)
+    # vLLM's own backend takes the configuration: the refusal is ours.
+    assert _engine_config(folder).model_config.architectures
+    with pytest.raises(Exception) as info:
+        _engine_config(folder, attention_backend="infinigen")
+    assert message in str(info.value)
+    assert "vLLM's default attention backend" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"use_mla": True}, "multi-head latent attention (MLA) is not supported"),
+        ({"is_encoder_decoder": True}, "encoder-decoder models are not supported"),
+        ({"is_attention_free": True}, "no attention layers"),
+        ({"runner_type": "pooling"}, "--runner pooling is not supported"),
+    ],
+)
+def test_model_support_names_what_is_unsupported(
+    flags: dict[str, object], message: str
+) -> None:
+    from vllm_infinigen.config import check_model_support
+
+    with pytest.raises(ValueError, match="cannot serve M: ") as info:
+        check_model_support(architecture="M", **flags)  # type: ignore[arg-type]
+    assert message in str(info.value)
+    check_model_support(architecture="M")  # a decoder-only generator passes
+    check_model_support(architecture="M", runner_type="draft")

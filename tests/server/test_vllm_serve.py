@@ -191,3 +191,14 @@ def test_bad_additional_config_stops_startup(
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert expected in output, output[-3000:]
+
+
+def test_unsupported_model_stops_startup(tmp_path: Path) -> None:
+    from tests.patches.test_platform_config import unsupported_model
+
+    folder, message = unsupported_model(tmp_path, "mla")
+    result = run_to_exit(folder, ["--attention-backend", "infinigen"])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output, output[-3000:]
+    assert "EngineCore" not in output  # refused before any engine process

@@ -21,6 +21,7 @@ from typing import Any
 from vllm_infinigen.config import (
     ADDITIONAL_CONFIG_KEY,
     InfiniGenConfig,
+    check_model_support,
     check_parallel_layout,
 )
 from vllm_infinigen.patches._version import require_vllm
@@ -84,6 +85,14 @@ def validate(vllm_config: Any) -> InfiniGenConfig:
     check_parallel_layout(vllm_config.parallel_config.pipeline_parallel_size)
     model_config = vllm_config.model_config
     if model_config is not None:
+        check_model_support(
+            architecture=", ".join(getattr(model_config, "architectures", None) or [])
+            or "this model",
+            use_mla=bool(getattr(model_config, "use_mla", False)),
+            is_encoder_decoder=bool(getattr(model_config, "is_encoder_decoder", False)),
+            is_attention_free=bool(getattr(model_config, "is_attention_free", False)),
+            runner_type=str(getattr(model_config, "runner_type", "generate")),
+        )
         text_config = model_config.hf_text_config
         num_layers = int(getattr(text_config, "num_hidden_layers", 0) or 0)
         if num_layers > 0:
