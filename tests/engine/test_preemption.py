@@ -31,9 +31,9 @@ MAX_TOKENS = 160
 SMALL_POOL_TOKENS = 1100
 
 
-def small_pool_gib(model: Path) -> float:
+def small_pool_gib(model: Path, tokens: int = SMALL_POOL_TOKENS) -> float:
     """INFINIGEN's ``host_pool_gib`` (on CPU, vLLM's KV pool) holding about
-    :data:`SMALL_POOL_TOKENS` tokens of this model's float32 KV cache."""
+    ``tokens`` tokens of this model's float32 KV cache."""
     config = json.loads((model / "config.json").read_text())
     head_dim = config.get("head_dim") or (
         config["hidden_size"] // config["num_attention_heads"]
@@ -41,7 +41,7 @@ def small_pool_gib(model: Path) -> float:
     per_token = (
         config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2 * 4
     )
-    return SMALL_POOL_TOKENS * per_token / (1 << 30)
+    return tokens * per_token / (1 << 30)
 
 
 def _run(model: Path, prompts: Path, name: str, **kwargs: Any) -> dict[str, Any]:

@@ -549,9 +549,14 @@ class InfiniGenRuntime:
 
     # ----------------------------------------------------------------- stats
     def reset_stats(self) -> None:
+        """Zero the counters and restart the recall-sampling schedule (the
+        next sparse step samples the first sparse layer), so that a window of
+        counters does not depend on the steps before it."""
         for layer in self.sparse.values():
             layer.reset_stats()
         self.steps = StepStats()
+        self._recall_countdown = 0
+        self._recall_turn = 0
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Counters of this worker, JSON-ready."""

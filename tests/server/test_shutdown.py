@@ -1,0 +1,150 @@
+"""SIGTERM during decode ends `vllm serve --attention-backend infinigen` cleanly.
+
+A process manager (systemd, Kubernetes) stops a server with SIGTERM to its
+main process while requests are streaming. vLLM either drains them
+(``--shutdown-timeout N``: running requests finish, new ones are refused) or
+aborts them (the default, 0). Either way, with INFINIGEN's sparse decode
+running (and in the abort case its staging copy thread), the server must
+exit by itself, without a traceback in its log, and leave no process and no
+shared-memory segment behind; a drained stream must arrive whole.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.server.serve_process import Server, infinigen_args, running_server
+
+pytestmark = pytest.mark.slow
+SERVED_NAME = "qwen-infinigen"
+SHM = Path("/dev/shm")
+
+
+def _shm() -> set[str]:
+    return set(os.listdir(SHM)) if SHM.is_dir() else set()
+
+
+def _stream(server: Server, max_tokens: int, out: dict[str, Any]) -> None:
+    """One streamed completion; records the tokens seen, how it finished
+    and any error (a connection closed by the server is an end too)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url, api_key="unused", timeout=300)
+    out["chunks"] = 0
+    try:
+        stream = client.completions.create(
+            model=SERVED_NAME,
+            prompt="# A long list of prime numbers, one per line\n2\n3\n5\n",
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                out["chunks"] += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                out["finish_reason"] = chunk.choices[0].finish_reason
+    except Exception as error:  # noqa: BLE001 - recorded, judged by the test
+        out["error"] = repr(error)
+    out["done"] = True
+
+
+def _sigterm_during_decode(
+    model: Path,
+    tmp_path: Path,
+    options: dict[str, object],
+    extra: list[str],
+    max_tokens: int,
+) -> tuple[Server, list[dict[str, Any]], list[int]]:
+    """Start a server, stream two requests, SIGTERM it once both decode, and
+    wait for it to exit. Returns the server, the streams' records and the
+    server's process tree as it was before the signal."""
+    import psutil
+
+    with running_server(
+        model,
+        [*infinigen_args(SERVED_NAME, options), *extra],
+        tmp_path / "vllm-serve.log",
+    ) as server:
+        tree = [p.pid for p in psutil.Process(server.process.pid).children(True)]
+        assert tree, "vllm serve started no engine process"
+        records: list[dict[str, Any]] = [{}, {}]
+        threads = [
+            threading.Thread(target=_stream, args=(server, max_tokens, r))
+            for r in records
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 240
+        while not all(r.get("chunks", 0) >= 4 for r in records):
+            assert time.monotonic() < deadline, (records, server.log()[-3000:])
+            assert not any(r.get("done") for r in records), records
+            time.sleep(0.2)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=120)
+        for thread in threads:
+            thread.join(timeout=60)
+            assert not thread.is_alive(), "a client stream never ended"
+    return server, records, tree
+
+
+def _assert_clean_exit(server: Server, tree: list[int], shm_before: set[str]) -> None:
+    import psutil
+
+    log = server.log()
+    assert server.process.returncode in (0, -signal.SIGTERM), log[-3000:]
+    assert "Traceback" not in log, log[-6000:]
+    time.sleep(2)  # children exit right after their parent
+    left = []
+    for pid in tree:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, f"processes left running: {left}"
+    assert _shm() <= shm_before, f"shared memory left: {_shm() - shm_before}"
+
+
+def test_sigterm_drains_running_requests(qwen_model_dir: Path, tmp_path: Path) -> None:
+    shm_before = _shm()
+    max_tokens = 64
+    server, records, tree = _sigterm_during_decode(
+        qwen_model_dir,
+        tmp_path,
+        {"budget": 0.3, "sparse_min_tokens": 0},
+        ["--shutdown-timeout", "120"],
+        max_tokens,
+    )
+    for record in records:  # drained: every token, then a normal end
+        assert "error" not in record, record
+        assert record["finish_reason"] == "length", record
+        assert record["chunks"] == max_tokens, record
+    assert "mode=drain" in server.log()
+    _assert_clean_exit(server, tree, shm_before)
+
+
+def test_sigterm_aborts_running_requests(qwen_model_dir: Path, tmp_path: Path) -> None:
+    shm_before = _shm()
+    max_tokens = 400
+    server, records, tree = _sigterm_during_decode(
+        qwen_model_dir,
+        tmp_path,
+        # The staging copy thread runs too: it must not hold the exit.
+        {"budget": 0.3, "sparse_min_tokens": 0, "swap_mode": "thread"},
+        [],
+        max_tokens,
+    )
+    for record in records:  # cut short, and told so or disconnected
+        assert record["chunks"] < max_tokens, record
+        assert record.get("finish_reason") == "abort" or "error" in record, record
+    assert "mode=abort" in server.log()
+    _assert_clean_exit(server, tree, shm_before)
