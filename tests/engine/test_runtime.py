@@ -585,3 +585,29 @@ def test_recall_sampling_rate_spaces_the_samples() -> None:
             runtime.layer_done(layer)
     assert sum(due) == 2  # every 4th of 8 steps
     assert runtime.steps.recall.count == 2
+
+
+def test_reset_stats_restarts_the_recall_schedule() -> None:
+    """After a reset the first sparse step samples the first sparse layer,
+    whatever ran before: windows of counters are comparable."""
+    world = World(
+        [40, 65], budget=0.4, min_blocks=0, sparse_min_tokens=0, recall_sample_rate=1.0
+    )
+    runtime = world.runtime
+
+    def sampled_layers(steps: int = 3) -> list[int]:
+        sampled = []
+        for _ in range(steps):
+            for index in (1, 2):
+                layer = world.layer(index)
+                world.prepare(index)
+                runtime.take(layer)
+                if runtime.recall_due(layer):
+                    sampled.append(index)
+                runtime.layer_done(layer)
+        return sampled
+
+    fresh = sampled_layers()
+    assert fresh == [1, 2, 1]  # the layers in turn, one per step
+    runtime.reset_stats()  # without it the next window samples 2, 1, 2
+    assert sampled_layers() == fresh
