@@ -1,12 +1,17 @@
 """SIGTERM during decode ends `vllm serve --attention-backend infinigen` cleanly.
 
 A process manager (systemd, Kubernetes) stops a server with SIGTERM to its
-main process while requests are streaming. vLLM either drains them
-(``--shutdown-timeout N``: running requests finish, new ones are refused) or
-aborts them (the default, 0). Either way, with INFINIGEN's sparse decode
-running (and in the abort case its staging copy thread), the server must
-exit by itself, without a traceback in its log, and leave no process and no
-shared-memory segment behind; a drained stream must arrive whole.
+main process while requests are streaming. With ``--shutdown-timeout N``
+vLLM drains them: running requests finish, new ones are refused, then the
+engine stops. With INFINIGEN's sparse decode running (in place, or with its
+staging copy thread), the drained streams must arrive whole and the server
+must exit by itself, without a traceback in its log, leaving no process and
+no shared-memory segment behind.
+
+vLLM 0.32's default, ``--shutdown-timeout 0`` ("abort"), force-kills the
+engine process right after signalling it, and open streams then stay open
+until their clients give up: the same with vLLM's own attention backend, so
+not tested here (``docs/operations.md``, "Stopping the server").
 """
 
 from __future__ import annotations
@@ -114,13 +119,17 @@ def _assert_clean_exit(server: Server, tree: list[int], shm_before: set[str]) ->
     assert _shm() <= shm_before, f"shared memory left: {_shm() - shm_before}"
 
 
-def test_sigterm_drains_running_requests(qwen_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("swap_mode", ["in_place", "thread"])
+def test_sigterm_drains_running_requests(
+    qwen_model_dir: Path, tmp_path: Path, swap_mode: str
+) -> None:
     shm_before = _shm()
     max_tokens = 64
     server, records, tree = _sigterm_during_decode(
         qwen_model_dir,
         tmp_path,
-        {"budget": 0.3, "sparse_min_tokens": 0},
+        # "thread": the staging copy thread runs too; it must not hold the exit.
+        {"budget": 0.3, "sparse_min_tokens": 0, "swap_mode": swap_mode},
         ["--shutdown-timeout", "120"],
         max_tokens,
     )
@@ -128,23 +137,7 @@ def test_sigterm_drains_running_requests(qwen_model_dir: Path, tmp_path: Path) -
         assert "error" not in record, record
         assert record["finish_reason"] == "length", record
         assert record["chunks"] == max_tokens, record
-    assert "mode=drain" in server.log()
-    _assert_clean_exit(server, tree, shm_before)
-
-
-def test_sigterm_aborts_running_requests(qwen_model_dir: Path, tmp_path: Path) -> None:
-    shm_before = _shm()
-    max_tokens = 400
-    server, records, tree = _sigterm_during_decode(
-        qwen_model_dir,
-        tmp_path,
-        # The staging copy thread runs too: it must not hold the exit.
-        {"budget": 0.3, "sparse_min_tokens": 0, "swap_mode": "thread"},
-        [],
-        max_tokens,
-    )
-    for record in records:  # cut short, and told so or disconnected
-        assert record["chunks"] < max_tokens, record
-        assert record.get("finish_reason") == "abort" or "error" in record, record
-    assert "mode=abort" in server.log()
+    log = server.log()
+    assert "mode=drain" in log
+    assert "INFINIGEN attention backend active" in log
     _assert_clean_exit(server, tree, shm_before)
