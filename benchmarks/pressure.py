@@ -208,7 +208,7 @@ def main() -> None:
     add("--model", default=None, help="a model folder (default: Qwen2.5-Coder-0.5B)")
     add("--quick", action="store_true", help="4 requests of 96 tokens")
     add("--requests", type=int, default=None, help="batch size (4 | 8)")
-    add("--prompt-chars", type=int, default=700, help="characters per prompt")
+    add("--prompt-chars", type=int, default=2000, help="characters per prompt")
     add("--tokens", type=int, default=None, help="generated per request (96 | 160)")
     add(
         "--pool-tokens",
@@ -217,7 +217,13 @@ def main() -> None:
         help="tokens of the small pool (default: a third of the batch's need)",
     )
     add("--max-model-len", type=int, default=768)
-    add("--series", nargs="+", default=list(SERIES), choices=list(SERIES))
+    add(
+        "--series",
+        nargs="+",
+        default=["dense", "infinigen"],
+        choices=list(SERIES),
+        help="dense is required (the scale); infinigen_budget_1 is exact",
+    )
     add("--out", default=None)
     args = parser.parse_args()
     if args.requests is None:
@@ -233,8 +239,9 @@ def main() -> None:
         args.model = str(build_model(DEFAULT_MODEL))
 
     # A pool of about a third of what the batch needs at its end, never less
-    # than one request at the longest (vLLM refuses a pool smaller).
-    need = args.requests * (args.prompt_chars // 3 + args.tokens)
+    # than one request at the longest (vLLM refuses a pool smaller); code is
+    # about 3.5 characters per token.
+    need = args.requests * (args.prompt_chars * 2 // 7 + args.tokens)
     pool_tokens = args.pool_tokens or max(need // 3, args.max_model_len + BLOCK_SIZE)
     tight = math.ceil(pool_tokens / BLOCK_SIZE)
     if "dense" not in args.series:
