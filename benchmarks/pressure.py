@@ -8,11 +8,12 @@ vLLM's greedy continuations may part from those of an unpressured run. This
 benchmark measures how far, for dense vLLM and for INFINIGEN, each engine in
 its own fresh process (``--engine`` is the child mode):
 
-    python benchmarks/pressure.py            # about 6 minutes
-    python benchmarks/pressure.py --quick    # about 3 minutes
+    python benchmarks/pressure.py                  # dense and INFINIGEN
+    python benchmarks/pressure.py --series dense infinigen infinigen_budget_1
+    python benchmarks/pressure.py --quick          # 4 requests of 96 tokens
 
 Per series (dense vLLM; INFINIGEN at its default budget, selecting at every
-length; INFINIGEN at budget 1.0) one batch of code-completion requests runs
+length; optionally INFINIGEN at budget 1.0, exact) one batch of code-completion requests runs
 with a roomy pool and with a pool too small for the batch's outputs (the same
 ``num_gpu_blocks_override`` for every engine). It reports vLLM's preemption
 count and, per request, the share of the roomy run's tokens that the
