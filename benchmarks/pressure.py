@@ -13,9 +13,10 @@ its own fresh process (``--engine`` is the child mode):
     python benchmarks/pressure.py --quick          # 4 requests of 96 tokens
 
 Per series (dense vLLM; INFINIGEN at its default budget, selecting at every
-length; optionally INFINIGEN at budget 1.0, exact) one batch of code-completion requests runs
-with a roomy pool and with a pool too small for the batch's outputs (the same
-``num_gpu_blocks_override`` for every engine). It reports vLLM's preemption
+length; optionally INFINIGEN at budget 1.0, exact) one batch of
+code-completion requests runs with a roomy pool and with a pool too small
+for the batch's outputs (the same ``num_gpu_blocks_override`` for every
+engine). It reports vLLM's preemption
 count and, per request, the share of the roomy run's tokens that the
 pressured run repeats before their first difference, with the same measure
 between dense and each INFINIGEN series with room, for scale. Writes

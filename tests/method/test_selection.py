@@ -14,6 +14,7 @@ from vllm_infinigen.method.counters import (
     new_selection_counters,
 )
 from vllm_infinigen.method.partial_cache import (
+    new_block_fill,
     new_partial_key_cache,
     new_residual_sums,
     write_partial_keys,
@@ -405,3 +406,29 @@ def test_residual_term_is_exact_when_blocks_share_their_residual_key(
         query[..., :p].contiguous(), partial, table, seq_lens, 0.5, rule
     )
     assert not torch.allclose(plain[torch.isfinite(plain)], want[torch.isfinite(want)])
+
+
+def test_residual_sums_count_a_rewritten_slot_once() -> None:
+    """vLLM recomputes the last token of a prompt that is wholly in its
+    prefix cache into the shared cached block: the sum must not grow with
+    every such request."""
+    sums = new_residual_sums(3, 2, 3)
+    fill = new_block_fill(3)
+    tokens = torch.randn(6, 2, 3)
+    slots = torch.arange(4, 10)  # block 1 whole, block 2 from its first slot
+    write_residual_sums(sums, tokens, slots, 4, torch.tensor([1, 2]), fill)
+    torch.testing.assert_close(sums[1], tokens[:4].sum(0))
+    assert fill.tolist() == [0, 4, 2]
+    for _ in range(3):  # three requests with the same cached prompt
+        again = tokens[3:4] + 1e-3  # the last token, recomputed
+        write_residual_sums(sums, again, torch.tensor([7]), 4, torch.tensor([]), fill)
+    torch.testing.assert_close(sums[1], tokens[:4].sum(0))
+    # Appends still count, also next to a rewrite in the same write.
+    more = torch.randn(2, 2, 3)
+    write_residual_sums(sums, more, torch.tensor([9, 10]), 4, torch.tensor([]), fill)
+    torch.testing.assert_close(sums[2], tokens[4:].sum(0) + more[1])
+    assert fill.tolist() == [0, 4, 3]
+    # Reuse by another request restarts the block and its fill.
+    write_residual_sums(sums, more, torch.tensor([8, 9]), 4, torch.tensor([2]), fill)
+    torch.testing.assert_close(sums[2], more.sum(0))
+    assert fill.tolist() == [0, 4, 2]

@@ -20,6 +20,7 @@ from vllm_infinigen.engine.placement import BlockPlan, StagingPlan
 from vllm_infinigen.engine.stats import LayerStats
 from vllm_infinigen.method.counters import new_selection_counters
 from vllm_infinigen.method.partial_cache import (
+    new_block_fill,
     new_partial_key_cache,
     new_residual_sums,
 )
@@ -80,6 +81,9 @@ class SparseLayer:
         """``[num_blocks, num_kv_heads, d_residual]`` float32 per block sums
         of the residual keys (``None`` when the partial keys hold every
         channel)."""
+        self.residual_fill: torch.Tensor | None = None
+        """``[num_blocks]`` int32: per block, the first slots its residual
+        sum counts (a slot written twice is counted once)."""
         self.counters: torch.Tensor | None = None
         """``[num_blocks]`` int64 times each block was selected."""
         self.host_cache: torch.Tensor | None = None
@@ -121,6 +125,7 @@ class SparseLayer:
                 device=key.device,
             )
             self.residual_sums = None
+            self.residual_fill = None
             if self.speculator.d_residual > 0:
                 self.residual_sums = new_residual_sums(
                     num_blocks,
@@ -128,6 +133,7 @@ class SparseLayer:
                     self.speculator.d_residual,
                     device=key.device,
                 )
+                self.residual_fill = new_block_fill(num_blocks, key.device)
             self.counters = new_selection_counters(num_blocks, key.device)
             self.tallies = self.tallies.to(key.device)
             self.host_cache = kv_cache

@@ -236,6 +236,7 @@ class InfiniGenRuntime:
                 write.slots,
                 self.block_size,
                 write.fresh,
+                layer.residual_fill,
             )
         assert layer.counters is not None
         layer.counters.index_fill_(0, write.fresh, 0)
@@ -572,8 +573,9 @@ class InfiniGenRuntime:
             for layer in layers
         )
         out["residual_sums_bytes"] = sum(
-            0 if layer.residual_sums is None else layer.residual_sums.nbytes
+            0 if t is None else t.nbytes
             for layer in layers
+            for t in (layer.residual_sums, layer.residual_fill)
         )
         out["host_kv_bytes"] = sum(
             0 if layer.host_cache is None else layer.host_cache.nbytes

@@ -50,12 +50,21 @@ def new_residual_sums(
     return torch.zeros(num_blocks, num_kv_heads, d_residual, device=device)
 
 
+def new_block_fill(
+    num_blocks: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``[num_blocks]`` int32 zeros: per block, how many of its first slots
+    its residual sum already counts."""
+    return torch.zeros(num_blocks, dtype=torch.int32, device=device)
+
+
 def write_residual_sums(
     residual_sums: torch.Tensor,
     residual_keys: torch.Tensor,
     slot_mapping: torch.Tensor,
     block_size: int,
     fresh_blocks: torch.Tensor,
+    fill: torch.Tensor | None = None,
 ) -> None:
     """Add new tokens' residual keys to their blocks' sums, in place.
 
@@ -67,7 +76,24 @@ def write_residual_sums(
         fresh_blocks: blocks written from their first slot in this write:
             their sums restart from zero first (a reused block keeps nothing
             of its previous request).
+        fill: ``[num_blocks]`` int32 (:func:`new_block_fill`), updated in
+            place: a slot the sum already counts is not added again. vLLM
+            writes a slot twice when a prompt is wholly in its prefix cache
+            (it recomputes the last token into the cached block, which every
+            request with that prompt shares); without ``fill`` every such
+            request would add that token once more. ``None``: every token
+            is added.
     """
-    residual_sums.index_fill_(0, fresh_blocks.long(), 0.0)
-    blocks = torch.div(slot_mapping.long(), block_size, rounding_mode="floor")
-    residual_sums.index_add_(0, blocks, residual_keys.to(residual_sums.dtype))
+    fresh = fresh_blocks.long()
+    residual_sums.index_fill_(0, fresh, 0.0)
+    slots = slot_mapping.long()
+    blocks = torch.div(slots, block_size, rounding_mode="floor")
+    keys = residual_keys.to(residual_sums.dtype)
+    if fill is None:
+        residual_sums.index_add_(0, blocks, keys)
+        return
+    fill.index_fill_(0, fresh, 0)
+    offsets = (slots - blocks * block_size).to(fill.dtype)
+    new = offsets >= fill.index_select(0, blocks)
+    residual_sums.index_add_(0, blocks[new], keys[new])
+    fill.scatter_reduce_(0, blocks, offsets + 1, reduce="amax")
