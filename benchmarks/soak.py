@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_infinigen.models import kv_pool_gib
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BOOK = REPO.parent / "shared" / "data" / "pg19_firstbook.txt"
@@ -92,18 +94,6 @@ class MemorySampler:
                 except psutil.Error:
                     continue
             self.samples.append((time.monotonic(), total))
-
-
-def pool_gib(model: Path, tokens: int) -> float:
-    """``host_pool_gib`` holding ``tokens`` tokens of the model's KV cache at
-    its served dtype (float32 here: 4 bytes)."""
-    config = json.loads((model / "config.json").read_text())
-    text = config.get("text_config", config)
-    head_dim = (
-        text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    )
-    per_token = text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 8
-    return tokens * per_token / (1 << 30)
 
 
 def free_port() -> int:
@@ -231,7 +221,7 @@ def start_server(
     model: Path, port: int, args: argparse.Namespace, log_path: Path
 ) -> subprocess.Popen[bytes]:
     options = {
-        "host_pool_gib": pool_gib(model, args.pool_tokens),
+        "host_pool_gib": kv_pool_gib(model, args.pool_tokens),
         "sparse_min_tokens": 0,
     }
     env = dict(os.environ, VLLM_PLUGINS="infinigen,infinigen_api")

@@ -3,29 +3,11 @@ server for minutes and is a benchmark, not a test)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from tests.conftest import load_benchmark
 
 soak = load_benchmark("soak.py")
-
-
-def test_pool_holds_the_asked_tokens(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(
-        json.dumps(
-            {
-                "num_hidden_layers": 4,
-                "num_key_value_heads": 2,
-                "hidden_size": 256,
-                "num_attention_heads": 4,
-            }
-        )
-    )
-    # 4 layers x 2 KV heads x 64 channels x (K + V) x 4 bytes = 4 KiB a token.
-    assert soak.pool_gib(tmp_path, 1 << 18) == pytest.approx(1.0)
 
 
 def test_counter_sums_every_label_set() -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from tests.engine.prompts import code_prompt
 from tests.engine.test_exact_backend import run_engine_script
-from tests.engine.test_preemption import small_pool_gib
+from vllm_infinigen.models import kv_pool_gib
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_reused_blocks_carry_nothing_into_the_next_selection(
         {"before": before, "probe": probe},
         tmp_path,
         "reused",
-        pool_gib=small_pool_gib(qwen_model_dir, TIGHT_POOL_TOKENS),
+        pool_gib=kv_pool_gib(qwen_model_dir, TIGHT_POOL_TOKENS),
     )
     fresh = _run(qwen_model_dir, {"before": None, "probe": probe}, tmp_path, "fresh")
 

@@ -21,6 +21,7 @@ import pytest
 
 from tests.engine.prompts import code_prompt
 from tests.engine.test_exact_backend import run_engine
+from vllm_infinigen.models import kv_pool_gib
 
 pytestmark = pytest.mark.slow
 
@@ -29,19 +30,6 @@ MAX_TOKENS = 160
 #: Tokens the small pool holds: the four requests reach 310-350 tokens each
 #: (prompts of 150-200 tokens), and one request needs at most 768.
 SMALL_POOL_TOKENS = 1100
-
-
-def small_pool_gib(model: Path, tokens: int = SMALL_POOL_TOKENS) -> float:
-    """INFINIGEN's ``host_pool_gib`` (on CPU, vLLM's KV pool) holding about
-    ``tokens`` tokens of this model's float32 KV cache."""
-    config = json.loads((model / "config.json").read_text())
-    head_dim = config.get("head_dim") or (
-        config["hidden_size"] // config["num_attention_heads"]
-    )
-    per_token = (
-        config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2 * 4
-    )
-    return tokens * per_token / (1 << 30)
 
 
 def _run(model: Path, prompts: Path, name: str, **kwargs: Any) -> dict[str, Any]:
@@ -70,7 +58,7 @@ def test_preempted_requests_recompute_to_the_same_tokens(
         qwen_model_dir,
         prompts,
         "tight",
-        host_pool_gib=small_pool_gib(qwen_model_dir),
+        host_pool_gib=kv_pool_gib(qwen_model_dir, SMALL_POOL_TOKENS),
         **options,
     )
     assert roomy["metrics"].get("vllm:num_preemptions", 0) == 0

@@ -342,3 +342,29 @@ def test_gemma_forward_is_sensible(gemma_model_dir: Path) -> None:
         logits = model(**inputs).logits[0, -1].float()
     top = [tok.decode([i]).strip() for i in logits.topk(10).indices.tolist()]
     assert "Paris" in top
+
+
+def test_pool_holds_the_asked_tokens(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 256,
+                "num_attention_heads": 4,
+            }
+        )
+    )
+    # 4 layers x 2 KV heads x 64 channels x (K + V) x 4 bytes = 4 KiB a token.
+    assert models.kv_pool_gib(tmp_path, 1 << 18) == pytest.approx(1.0)
+    # A multimodal model's text part; an explicit head size wins.
+    text = {
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 1,
+        "hidden_size": 640,
+        "num_attention_heads": 4,
+        "head_dim": 256,
+    }
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": text}))
+    # 2 layers x 1 KV head x 256 channels x 2 x 2 bytes = 2 KiB a token.
+    assert models.kv_pool_gib(tmp_path, 1 << 19, dtype_bytes=2) == pytest.approx(1.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -34,6 +35,7 @@ __all__ = [
     "build_model",
     "cache_root",
     "is_built",
+    "kv_pool_gib",
     "model_path",
 ]
 
@@ -63,6 +65,20 @@ def model_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """Where the folder of model ``name`` is (or would be) built."""
     spec = get_spec(name)
     return cache_root(cache_dir) / "models" / spec.name
+
+
+def kv_pool_gib(folder: Path, tokens: int, dtype_bytes: int = 4) -> float:
+    """GiB of KV cache (the ``host_pool_gib`` option) that hold ``tokens``
+    tokens of the model in ``folder`` (its ``config.json``; a multimodal
+    model's ``text_config``), keys and values of every layer at
+    ``dtype_bytes`` per number (float32: 4)."""
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    head_dim = (
+        text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    )
+    per_token = text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim
+    return tokens * per_token * 2 * dtype_bytes / (1 << 30)
 
 
 def _marker_text(spec: ModelSpec) -> str:
