@@ -352,16 +352,17 @@ def test_write_partial_keys_places_tokens_at_their_slots() -> None:
 
 def test_residual_sums_restart_when_a_block_is_written_from_its_first_slot() -> None:
     sums = new_residual_sums(4, 2, 3)
+    fill = new_block_fill(4)
     first = torch.randn(4, 2, 3)
     slots = torch.tensor([8, 9, 10, 11])  # block 2, from its first slot
-    write_residual_sums(sums, first, slots, 4, torch.tensor([2]))
+    write_residual_sums(sums, first, slots, 4, torch.tensor([2]), fill)
     torch.testing.assert_close(sums[2], first.sum(0))
     more = torch.randn(2, 2, 3)
-    write_residual_sums(sums, more, torch.tensor([12, 13]), 4, torch.tensor([3]))
+    write_residual_sums(sums, more, torch.tensor([12, 13]), 4, torch.tensor([3]), fill)
     torch.testing.assert_close(sums[2], first.sum(0))  # untouched
     # Block 2 reused by another request: written from slot 0 again.
     again = torch.randn(2, 2, 3)
-    write_residual_sums(sums, again, torch.tensor([8, 9]), 4, torch.tensor([2]))
+    write_residual_sums(sums, again, torch.tensor([8, 9]), 4, torch.tensor([2]), fill)
     torch.testing.assert_close(sums[2], again.sum(0))
     torch.testing.assert_close(sums[3], more.sum(0))
 
@@ -381,11 +382,12 @@ def test_residual_term_is_exact_when_blocks_share_their_residual_key(
     per_block = torch.randn(num_blocks, 1, kv, e, generator=gen) * 3
     residual = per_block.expand(num_blocks, block, kv, e)
     sums = new_residual_sums(num_blocks, kv, e)
+    fill = new_block_fill(num_blocks)
     for r, n in enumerate(seq_lens.tolist()):  # each request's tokens, in order
         slots = table[r, torch.arange(n) // block] * block + torch.arange(n) % block
         fresh = slots[slots % block == 0] // block
         write_residual_sums(
-            sums, residual.reshape(-1, kv, e)[slots], slots, block, fresh
+            sums, residual.reshape(-1, kv, e)[slots], slots, block, fresh, fill
         )
     query = torch.randn(3, kv * group, p + e, generator=gen)
     bias = residual_block_bias(query[..., p:], sums, table, seq_lens, block, 0.5)

@@ -230,6 +230,7 @@ class InfiniGenRuntime:
         # counters, residual sums and metadata start again (nothing stale
         # after reuse).
         if layer.residual_sums is not None:
+            assert layer.residual_fill is not None
             write_residual_sums(
                 layer.residual_sums,
                 layer.speculator.residual_keys(keys),

@@ -64,7 +64,7 @@ def write_residual_sums(
     slot_mapping: torch.Tensor,
     block_size: int,
     fresh_blocks: torch.Tensor,
-    fill: torch.Tensor | None = None,
+    fill: torch.Tensor,
 ) -> None:
     """Add new tokens' residual keys to their blocks' sums, in place.
 
@@ -81,17 +81,13 @@ def write_residual_sums(
             writes a slot twice when a prompt is wholly in its prefix cache
             (it recomputes the last token into the cached block, which every
             request with that prompt shares); without ``fill`` every such
-            request would add that token once more. ``None``: every token
-            is added.
+            request would add that token once more.
     """
     fresh = fresh_blocks.long()
     residual_sums.index_fill_(0, fresh, 0.0)
     slots = slot_mapping.long()
     blocks = torch.div(slots, block_size, rounding_mode="floor")
     keys = residual_keys.to(residual_sums.dtype)
-    if fill is None:
-        residual_sums.index_add_(0, blocks, keys)
-        return
     fill.index_fill_(0, fresh, 0)
     offsets = (slots - blocks * block_size).to(fill.dtype)
     new = offsets >= fill.index_select(0, blocks)
