@@ -199,7 +199,9 @@ def print_table(summary: dict[str, Any]) -> None:
         )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments with the ``--quick`` or full defaults filled in; a value out
+    of its range stops with a message naming the option."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -227,11 +229,33 @@ def main() -> None:
         help="dense is required (the scale); infinigen_budget_1 is exact",
     )
     add("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.requests is None:
         args.requests = 4 if args.quick else 8
     if args.tokens is None:
         args.tokens = 96 if args.quick else 160
+    if not 1 <= args.requests <= len(MODULES):
+        parser.error(f"--requests must be in 1..{len(MODULES)}, got {args.requests}")
+    for option, value in (
+        ("--tokens", args.tokens),
+        ("--prompt-chars", args.prompt_chars),
+    ):
+        if value < 1:
+            parser.error(f"{option} must be >= 1, got {value}")
+    # vLLM refuses a pool that cannot hold one request at the longest.
+    least = args.max_model_len + BLOCK_SIZE
+    if args.pool_tokens is not None and args.pool_tokens < least:
+        parser.error(
+            f"--pool-tokens must be >= --max-model-len + {BLOCK_SIZE} = {least}, "
+            f"got {args.pool_tokens}"
+        )
+    if "dense" not in args.series:
+        parser.error("--series must include dense (the scale of comparison)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.engine:
         run_child(args)
         return
@@ -246,8 +270,6 @@ def main() -> None:
     need = args.requests * (args.prompt_chars * 2 // 7 + args.tokens)
     pool_tokens = args.pool_tokens or max(need // 3, args.max_model_len + BLOCK_SIZE)
     tight = math.ceil(pool_tokens / BLOCK_SIZE)
-    if "dense" not in args.series:
-        parser.error("--series must include dense (the scale of comparison)")
     started = time.perf_counter()
     runs: dict[str, dict[str, Any]] = {}
     for name in args.series:

@@ -43,3 +43,28 @@ def test_code_prompts_are_read_in_place() -> None:
     prompts = pressure.code_prompts(3, 200)
     assert len(prompts) == 3 and all(len(p) == 200 for p in prompts)
     assert len(set(prompts)) == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--requests", "9"], "--requests must be in 1..8, got 9"),
+        (["--requests", "0"], "--requests must be in 1..8, got 0"),
+        (["--tokens", "0"], "--tokens must be >= 1, got 0"),
+        (["--prompt-chars", "-5"], "--prompt-chars must be >= 1, got -5"),
+        (["--pool-tokens", "700"], "--pool-tokens must be >= --max-model-len + 32"),
+        (["--series", "infinigen"], "--series must include dense"),
+    ],
+)
+def test_bad_arguments_name_the_option(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        pressure.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_follow_quick() -> None:
+    quick, full = pressure.parse_args(["--quick"]), pressure.parse_args([])
+    assert (quick.requests, quick.tokens) == (4, 96)
+    assert (full.requests, full.tokens, full.series) == (8, 160, ["dense", "infinigen"])
