@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_infinigen.models import kv_pool_gib
+from vllm_infinigen.models import MODEL_NAMES, kv_pool_gib
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -284,10 +284,12 @@ def memory_summary(
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments with the ``--quick`` or full defaults filled in; a value out
+    of its range stops with a message naming the option."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b", choices=MODEL_NAMES)
     parser.add_argument("--requests", type=int, default=None, help="240 | 60")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--long-share", type=float, default=0.4)
@@ -305,13 +307,38 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="requests (24 | 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quick = args.quick
     args.requests = args.requests or (60 if quick else 240)
     args.long_tokens = args.long_tokens or (1200 if quick else 3000)
     args.long_output = args.long_output or (96 if quick else 192)
     args.pool_tokens = args.pool_tokens or (1800 if quick else 3400)
     args.warmup = args.warmup or (8 if quick else 24)
+    for name in (
+        "requests",
+        "concurrency",
+        "long_tokens",
+        "long_output",
+        "short_output",
+        "pool_tokens",
+        "warmup",
+    ):
+        if getattr(args, name) < 1:
+            parser.error(
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+            )
+    for name in ("long_share", "cancel_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(
+                f"--{name.replace('_', '-')} must be in [0, 1], "
+                f"got {getattr(args, name)}"
+            )
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    quick = args.quick
     out = args.out or RESULTS / ("soak_quick.json" if quick else "soak.json")
 
     from transformers import AutoTokenizer

@@ -36,3 +36,28 @@ def test_memory_summary_settles_after_warm_up_and_sees_growth() -> None:
     assert summary["change"] > 0.5
     assert summary["peak_gib"] == pytest.approx(1.99)
     assert "note" in soak.memory_summary(flat[:5], warm_from=0.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--requests", "-1"], "--requests must be >= 1, got -1"),
+        (["--concurrency", "0"], "--concurrency must be >= 1, got 0"),
+        (["--short-output", "0"], "--short-output must be >= 1, got 0"),
+        (["--long-share", "1.5"], "--long-share must be in [0, 1], got 1.5"),
+        (["--cancel-share", "-0.1"], "--cancel-share must be in [0, 1], got -0.1"),
+        (["--model", "bert"], "--model: invalid choice: 'bert'"),
+    ],
+)
+def test_bad_arguments_name_the_option(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        soak.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_follow_quick() -> None:
+    quick, full = soak.parse_args(["--quick"]), soak.parse_args([])
+    assert (quick.requests, quick.pool_tokens) == (60, 1800)
+    assert (full.requests, full.pool_tokens) == (240, 3400)
