@@ -53,6 +53,9 @@ def register() -> None:
 
     from vllm_infinigen.patches import (
         cpu_backend_selection,
+        cuda_kv_alloc,
+        cuda_kv_memory,
+        cuda_model_load,
         kv_memory,
         model_load,
         platform_config,
@@ -63,4 +66,8 @@ def register() -> None:
         cpu_backend_selection.apply()
         model_load.apply()
         kv_memory.apply()
+    else:
+        cuda_model_load.apply()
+        cuda_kv_memory.apply()
+        cuda_kv_alloc.apply()
     platform_config.apply()

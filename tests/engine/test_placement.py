@@ -3,11 +3,17 @@ against obvious loops."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from vllm_infinigen.engine.copier import BlockCopier
-from vllm_infinigen.engine.placement import plan_in_place, plan_staging
+from vllm_infinigen.engine.placement import (
+    plan_in_place,
+    plan_prefill_gather,
+    plan_staging,
+)
 from vllm_infinigen.method.selection import PAD, BlockSelection
 
 BLOCK = 4
@@ -104,6 +110,26 @@ def test_copier_round_trip(mode: str) -> None:
         assert copier.staging.peak_blocks == 4
     finally:
         copier.shutdown()
+
+
+@pytest.mark.parametrize("rows", [[1, 2, 3], [3, 1]])
+def test_prefill_gather_lays_rows_out_request_after_request(rows: list[int]) -> None:
+    """Every block of each prefill row, in row order, against a loop; slots
+    of the relative table count on from the previous row's last."""
+    table = torch.tensor([[9, 9, 9], [4, 5, 0], [7, 0, 0], [1, 2, 3]])
+    lens = {1: 5, 2: 2, 3: 12}
+    gather = plan_prefill_gather(
+        table, torch.tensor(rows), torch.tensor([lens[r] for r in rows]), BLOCK
+    )
+    src, rel, slot = [], [], 0
+    for r in rows:
+        n = math.ceil(lens[r] / BLOCK)
+        src += table[r, :n].tolist()
+        rel.append(list(range(slot, slot + n)) + [0] * (3 - n))
+        slot += n
+    assert gather.src_ids.tolist() == src and gather.num_blocks == len(src)
+    assert gather.block_table.tolist() == rel and gather.width == 3
+    assert gather.block_table.dtype == torch.int32
 
 
 @pytest.mark.parametrize("mode", BlockCopier.MODES)

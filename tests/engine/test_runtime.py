@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.engine.tiny_model import BLOCK, DIM, HEADS, HIDDEN, KV, P, speculator
 from vllm_infinigen.config import InfiniGenConfig
 from vllm_infinigen.engine.layer_state import LayerInfo, SparseLayer
 from vllm_infinigen.engine.placement import StagingPlan, plan_in_place
@@ -27,27 +28,10 @@ from vllm_infinigen.engine.runtime import (
     selection_policy,
 )
 from vllm_infinigen.method.recall import attention_block_mass
-from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.scoring import block_scores, residual_block_bias
 from vllm_infinigen.method.selection import PAD, select_blocks
-from vllm_infinigen.method.skew import LayerSkew
-from vllm_infinigen.method.speculator import LayerSpeculator
 
-BLOCK, KV, HEADS, DIM, HIDDEN, P = 4, 2, 4, 8, 16, 3
 NUM_BLOCKS = 96
-
-
-def _speculator(seed: int, device: str = "cpu") -> LayerSpeculator:
-    gen = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(KV, DIM, DIM, generator=gen))
-    channels = torch.stack([torch.randperm(DIM, generator=gen)[:P].sort().values] * KV)
-    return LayerSpeculator.build(
-        LayerSkew(basis.to(device), channels.to(device)),
-        q_weight=torch.randn(HEADS * DIM, HIDDEN, generator=gen).to(device),
-        q_bias=torch.randn(HEADS * DIM, generator=gen).to(device),
-        num_heads=HEADS,
-        rope=NeoxRotary(DIM),
-    )
 
 
 def _plain_reader(host: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -73,7 +57,7 @@ class World:
         self.runtime = InfiniGenRuntime(
             InfiniGenConfig(**options),
             infos,
-            {1: _speculator(1, device), 2: _speculator(2, device)},
+            {1: speculator(1, device), 2: speculator(2, device)},
             self.context,
         )
         gen = torch.Generator().manual_seed(7)

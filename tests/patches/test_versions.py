@@ -7,12 +7,19 @@ import pytest
 from vllm_infinigen.patches import (
     _version,
     cpu_backend_selection,
+    cuda_kv_alloc,
+    cuda_kv_memory,
+    cuda_model_load,
     kv_memory,
     model_load,
     platform_config,
 )
 
-ALL_PATCHES = [cpu_backend_selection, platform_config, model_load, kv_memory]
+CPU_PATCHES = [cpu_backend_selection, platform_config, model_load, kv_memory]
+#: Applied on other platforms; that each applies once is checked, with the
+#: wrapped vLLM functions restored after, in ``test_cuda_patches.py``.
+CUDA_PATCHES = [cuda_model_load, cuda_kv_memory, cuda_kv_alloc]
+ALL_PATCHES = CPU_PATCHES + CUDA_PATCHES
 
 
 @pytest.mark.parametrize("patch", ALL_PATCHES)
@@ -30,6 +37,6 @@ def test_patch_refuses_unknown_vllm(
 
 
 def test_patches_apply_once() -> None:
-    for patch in ALL_PATCHES:
+    for patch in CPU_PATCHES:
         patch.apply()
         assert patch.apply() is False

@@ -36,8 +36,6 @@ from typing import Any, ClassVar
 import torch
 from vllm import _custom_ops as ops
 from vllm import envs
-from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -45,14 +43,14 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_infinigen.config import InfiniGenConfig
+from vllm_infinigen.engine.backend_hooks import after_kv_write
 from vllm_infinigen.engine.copier import BlockCopier
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, PreparedRead, SparseLayer
+from vllm_infinigen.engine.placement import plan_prefill_gather
 from vllm_infinigen.engine.policies.base import BlockPolicy
 from vllm_infinigen.engine.runtime import KVWrite, plan_kv_write
-from vllm_infinigen.engine.startup import announce
+from vllm_infinigen.engine.startup import start_backend
 from vllm_infinigen.method.selection import num_blocks_of
 
 BACKEND_NAME = "INFINIGEN"
@@ -116,15 +114,6 @@ class InfiniGenCPUMetadata(CPUAttentionMetadata):
 class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """Builds one step's metadata for a KV cache group (all its layers)."""
 
-    def __init__(
-        self,
-        kv_cache_spec: AttentionSpec,
-        layer_names: list[str],
-        vllm_config: VllmConfig,
-        device: torch.device,
-    ) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-
     def build(
         self,
         common_prefix_len: int,
@@ -157,26 +146,15 @@ class InfiniGenCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         prefill_idx = torch.nonzero(~is_decode).flatten()
         meta.prefill_req_idx = prefill_idx
         if prefill_idx.numel():  # read by the staging placement only
-            self._plan_prefill_blocks(meta, prefill_idx)
+            # The prefill requests' whole contexts, after the decode slots.
+            lens = base.seq_lens[prefill_idx]
+            gather = plan_prefill_gather(
+                base.block_table, prefill_idx, lens, self.block_size
+            )
+            meta.prefill_src_block_ids = gather.src_ids
+            meta.prefill_rel_table = gather.block_table
+            meta.num_prefill_blocks = gather.num_blocks
         return meta
-
-    def _plan_prefill_blocks(
-        self, meta: InfiniGenCPUMetadata, rows: torch.Tensor
-    ) -> None:
-        """Lay the prefill requests' whole contexts out after the decode slots
-        (layer-independent, so computed once per step)."""
-        seq_lens = meta.seq_lens[rows].long()
-        counts = num_blocks_of(seq_lens, self.block_size)
-        width = int(counts.max())
-        table = meta.block_table[rows, :width].long()
-        cols = torch.arange(width)[None, :]
-        valid = cols < counts[:, None]
-        offsets = torch.cumsum(counts, 0) - counts
-        meta.prefill_src_block_ids = table[valid]
-        meta.prefill_rel_table = torch.where(
-            valid, offsets[:, None] + cols, torch.zeros_like(cols)
-        ).to(torch.int32)
-        meta.num_prefill_blocks = int(counts.sum())
 
 
 class InfiniGenCPUImpl(CPUAttentionBackendImpl):
@@ -186,23 +164,8 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        vllm_config = get_current_vllm_config()
+        vllm_config, _ = start_backend("staging")
         self.model_dtype: torch.dtype = vllm_config.model_config.dtype  # type: ignore[assignment]
-        self.infinigen_config = InfiniGenConfig.from_additional_config(
-            vllm_config.additional_config
-        )
-        config = self.infinigen_config
-        where = (
-            "in place from the host tier"
-            if config.swap_mode == "in_place"
-            else f"through staging ({config.swap_mode} copy)"
-        )
-        mode = (
-            f"budget covers every block (exact), read {where}"
-            if config.is_exact
-            else f"sparse decode, selected blocks read {where}"
-        )
-        announce(vllm_config, config, mode=mode)
 
     # --------------------------------------------------------------- KV write
     def do_kv_cache_update(
@@ -214,16 +177,7 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
         slot_mapping: torch.Tensor,
     ) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        state: SparseLayer | None = getattr(layer, LAYER_ATTR, None)
-        if state is not None:
-            write = None
-            if is_forward_context_available():
-                metadata = get_forward_context().attn_metadata
-                if isinstance(metadata, dict):
-                    meta = metadata.get(state.info.name)
-                    if isinstance(meta, InfiniGenCPUMetadata):
-                        write = meta.kv_write
-            state.runtime.on_kv_write(state, key, kv_cache, slot_mapping, write)
+        after_kv_write(layer, key, kv_cache, slot_mapping, InfiniGenCPUMetadata)
 
     # ---------------------------------------------------------------- forward
     def forward(

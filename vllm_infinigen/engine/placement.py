@@ -16,6 +16,10 @@ shapes:
 
 In both, each request's newest (partly filled) block comes last, so
 ``sparse_seq_lens`` stays a valid sequence length.
+
+Prefill rows of a step read their whole context; where the kernel reads
+staging, :func:`plan_prefill_gather` lays those contexts out request after
+request (both platforms' backends).
 """
 
 from __future__ import annotations
@@ -146,4 +150,58 @@ def plan_staging(
         newest_src=newest_src,
         newest_slot=offsets + counts - 1,
         total_blocks=int(src.numel()),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class PrefillGather:
+    """Where the prefill rows' whole contexts go in staging, request after
+    request (layer-independent: planned once per step).
+
+    Attributes:
+        src_ids: ``[num_blocks]`` int64 host block ids, request after
+            request, on the block table's device.
+        block_table: ``[num_prefill_rows, width]`` int32 slots of each
+            prefill row's blocks, relative to the first (0 past its last).
+        num_blocks: ``src_ids``' length (a host int: sizes the copy).
+        width: columns of ``block_table``.
+    """
+
+    src_ids: torch.Tensor
+    block_table: torch.Tensor
+    num_blocks: int
+    width: int
+
+
+def plan_prefill_gather(
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+) -> PrefillGather:
+    """Lay the prefill rows' whole contexts out one after the other (host
+    arithmetic on CPU tensors; one small copy to the table's device, no
+    host synchronisation with it).
+
+    Args:
+        block_table: ``[num_reqs, max_blocks]`` physical block ids (any
+            device).
+        rows: ``[num_prefill_rows]`` int64 CPU indices of the prefill rows.
+        seq_lens: ``[num_prefill_rows]`` CPU tokens of those rows.
+        block_size: tokens per block.
+    """
+    counts = num_blocks_of(seq_lens, block_size)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    offsets = torch.cumsum(counts, 0) - counts
+    cols = torch.arange(width)[None, :]
+    valid = cols < counts[:, None]
+    table = torch.where(valid, offsets[:, None] + cols, torch.zeros_like(cols))
+    row_idx, col_idx = torch.nonzero(valid, as_tuple=True)
+    device = block_table.device
+    src = block_table[rows[row_idx].to(device), col_idx.to(device)].long()
+    return PrefillGather(
+        src_ids=src,
+        block_table=table.to(device=device, dtype=torch.int32),
+        num_blocks=int(counts.sum()),
+        width=width,
     )

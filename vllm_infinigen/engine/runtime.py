@@ -138,7 +138,7 @@ class InfiniGenRuntime:
             if info.sparse
         }
         self.copier: BlockCopier | None = None
-        self._place(config.swap_mode)
+        self.place(config.swap_mode)
         self.policies: dict[str, BlockPolicy] = {}
         """Tracked policies (their device metadata is maintained)."""
         self.track([config.policy])
@@ -163,8 +163,14 @@ class InfiniGenRuntime:
                 logger.info("INFINIGEN selection recall not sampled: %s", error)
                 self._recall_ok = False
 
-    def _place(self, swap_mode: str) -> None:
-        """Read in place, or through staging with a copier of that mode."""
+    def place(self, swap_mode: str) -> None:
+        """Choose how decode reads the selected blocks for ``swap_mode``: in
+        place, or through staging filled by a copier of that mode.
+
+        Called by the constructor (``config`` and ``layers`` are set by
+        then) and by :meth:`reconfigure`. A platform that moves blocks its
+        own way overrides it, together with :attr:`in_place`.
+        """
         if self.copier is not None and self.copier.mode != swap_mode:
             self.copier.shutdown()
             self.copier = None
@@ -193,7 +199,8 @@ class InfiniGenRuntime:
 
     @property
     def in_place(self) -> bool:
-        """The kernel reads selected blocks in place (no copier)."""
+        """The kernel reads selected blocks in place (no copier; see
+        :meth:`place`)."""
         return self.copier is None
 
     @property
@@ -463,7 +470,7 @@ class InfiniGenRuntime:
         if any(layer.pending is not None for layer in self.sparse.values()):
             raise RuntimeError("INFINIGEN: reconfigure called during a step")
         self.track([config.policy])
-        self._place(config.swap_mode)
+        self.place(config.swap_mode)
         self.config = config
         self.policy = self.policies[config.policy]
         self.selection = selection_policy(config, self.policy)

@@ -9,7 +9,7 @@ layer ``L``'s speculation and starts its swap-in.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from vllm.config import VllmConfig
@@ -26,6 +26,7 @@ from vllm_infinigen.engine.runtime import InfiniGenRuntime
 from vllm_infinigen.method.speculator import HeadShard, LayerSpeculator
 
 PreHook = Callable[[torch.nn.Module, tuple[Any, ...]], None]
+RuntimeT = TypeVar("RuntimeT", bound=InfiniGenRuntime)
 
 #: Default ``sparse_min_tokens`` on vLLM's CPU build: decode steps with fewer
 #: context tokens read every block. Measured on one core of this project's
@@ -193,8 +194,23 @@ def _rank_speculators(
     return out
 
 
-def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:
-    """Build this worker's runtime for ``model`` and install its hooks."""
+def install_runtime(
+    vllm_config: VllmConfig,
+    model: torch.nn.Module,
+    make_runtime: Callable[
+        [InfiniGenConfig, dict[int, LayerInfo], dict[int, LayerSpeculator]],
+        RuntimeT,
+    ],
+    make_hook: Callable[[RuntimeT, SparseLayer], PreHook],
+) -> RuntimeT:
+    """Set a platform's runtime up for ``model`` (both platforms' set-ups).
+
+    Classifies the attention layers, calibrates the sparse ones and takes
+    this tensor-parallel rank's share, builds the runtime with
+    ``make_runtime(options, layers, speculators)``, attaches each sparse
+    layer's state to its attention module and installs ``make_hook(runtime,
+    layer L)`` as the forward pre-hook of layer ``L-1``'s ``qkv_proj``.
+    """
     from vllm_infinigen.engine.calibration import calibrate_model
 
     config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
@@ -209,13 +225,26 @@ def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenR
     logger.info("INFINIGEN sparse layers %s; dense layers %s", sparse, dense)
     speculators = calibrate_model(vllm_config.model_config.model, config, sparse)
     speculators = _rank_speculators(speculators, attention_layers, infos)
-    head_dim = next(iter(speculators.values())).head_dim if speculators else None
-    runtime = InfiniGenRuntime(
-        config, infos, speculators, _policy_context(vllm_config, head_dim)
-    )
+    runtime = make_runtime(config, infos, speculators)
     modules = dict(model.named_modules())
     for index, state in runtime.sparse.items():
         setattr(attention_layers[state.info.name], LAYER_ATTR, state)
         qkv = modules[_previous_qkv_name(state.info.name, index)]
-        qkv.register_forward_pre_hook(_make_hook(runtime, state))
+        qkv.register_forward_pre_hook(make_hook(runtime, state))
     return runtime
+
+
+def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:
+    """Build this worker's runtime for ``model`` on vLLM's CPU platform and
+    install its hooks."""
+
+    def make_runtime(
+        config: InfiniGenConfig,
+        infos: dict[int, LayerInfo],
+        speculators: dict[int, LayerSpeculator],
+    ) -> InfiniGenRuntime:
+        head_dim = next(iter(speculators.values())).head_dim if speculators else None
+        context = _policy_context(vllm_config, head_dim)
+        return InfiniGenRuntime(config, infos, speculators, context)
+
+    return install_runtime(vllm_config, model, make_runtime, _make_hook)

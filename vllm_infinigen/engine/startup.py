@@ -1,10 +1,11 @@
-"""The one start-up log line of the INFINIGEN backend, per process."""
+"""The options of the INFINIGEN backend and its one start-up log line, per
+process."""
 
 from __future__ import annotations
 
 import threading
 
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 
 from vllm_infinigen.config import InfiniGenConfig
@@ -35,3 +36,28 @@ def announce(vllm_config: VllmConfig, config: InfiniGenConfig, mode: str) -> Non
         vllm_config.cache_config.block_size,
         config.describe(),
     )
+
+
+def start_backend(staging: str) -> tuple[VllmConfig, InfiniGenConfig]:
+    """The current vLLM configuration and INFINIGEN's options in it, logged
+    once per process (what an attention implementation reads at start-up).
+
+    Args:
+        staging: what the platform copies selected blocks into, for the log
+            line (e.g. ``device staging``); ``swap_mode`` ``in_place``
+            reads them from the host tier instead.
+    """
+    vllm_config = get_current_vllm_config()
+    config = InfiniGenConfig.from_additional_config(vllm_config.additional_config)
+    where = (
+        "in place from the host tier"
+        if config.swap_mode == "in_place"
+        else f"through {staging} ({config.swap_mode} copy)"
+    )
+    mode = (
+        f"budget covers every block (exact), read {where}"
+        if config.is_exact
+        else f"sparse decode, selected blocks read {where}"
+    )
+    announce(vllm_config, config, mode=mode)
+    return vllm_config, config

@@ -117,6 +117,10 @@ def apply() -> bool:
         original(cls, vllm_config)
         if infinigen_selected(vllm_config):
             config = validate(vllm_config)
+            if not current_platform.is_cpu():
+                from vllm_infinigen.patches.cuda_config import check_cuda_options
+
+                config = check_cuda_options(vllm_config, config)
             _force_eager(vllm_config)
             _apply_memory_and_blocks(vllm_config, config)
             _add_worker_extension(vllm_config)
