@@ -1,8 +1,31 @@
-"""Writing partial keys into a paged partial key cache."""
+"""Writing partial keys into a paged partial key cache.
+
+A cache holds the partial keys as floats (``[num_blocks, block_size,
+num_kv_heads, d_partial]`` of a floating dtype) or packed at 4 bits
+(``[num_blocks, block_size, num_kv_heads, packed_width(d_partial)]``
+uint8, :mod:`.quant4`): a uint8 cache is a packed one.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from .quant4 import PACKED_DTYPE, pack_int4, packed_width
+
+#: Storage type of the residual sums.
+RESIDUAL_DTYPE = torch.float32
+
+
+def partial_row_width(dtype: torch.dtype, d_partial: int) -> int:
+    """Last dimension of a partial key cache of ``dtype``: ``d_partial``
+    numbers, or their packed bytes for :data:`~.quant4.PACKED_DTYPE`."""
+    return packed_width(d_partial) if dtype == PACKED_DTYPE else d_partial
+
+
+def partial_key_bytes(dtype: torch.dtype, d_partial: int) -> int:
+    """Bytes a partial key cache of ``dtype`` keeps per token and KV head
+    (what every sizing of the device tier counts)."""
+    return partial_row_width(dtype, d_partial) * dtype.itemsize
 
 
 def new_partial_key_cache(
@@ -13,9 +36,13 @@ def new_partial_key_cache(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """``[num_blocks, block_size, num_kv_heads, d_partial]`` zeros."""
+    """Zeros for ``d_partial`` channels per token and KV head: ``[num_blocks,
+    block_size, num_kv_heads, d_partial]`` of a floating ``dtype``, or, for
+    ``torch.uint8``, the packed 4-bit rows ``[num_blocks, block_size,
+    num_kv_heads, packed_width(d_partial)]`` (zero rows decode to zeros)."""
+    width = partial_row_width(dtype, d_partial)
     return torch.zeros(
-        num_blocks, block_size, num_kv_heads, d_partial, dtype=dtype, device=device
+        num_blocks, block_size, num_kv_heads, width, dtype=dtype, device=device
     )
 
 
@@ -24,18 +51,24 @@ def write_partial_keys(
     partial_keys: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store new tokens' partial keys at their slots, in place.
+    """Store new tokens' partial keys at their slots, in place (quantized
+    to 4 bits when the cache is packed).
 
     Args:
-        partial_key_cache: ``[num_blocks, block_size, num_kv_heads, d_partial]``.
+        partial_key_cache: :func:`new_partial_key_cache`'s ``[num_blocks,
+            block_size, num_kv_heads, width]``.
         partial_keys: ``[tokens, num_kv_heads, d_partial]``.
         slot_mapping: ``[tokens]`` int slots ``block_id * block_size +
             offset`` (vLLM's ``slot_mapping``). All entries must be valid and
             distinct: slice padding tokens off first (vLLM pads with -1).
     """
-    num_blocks, block_size, num_kv_heads, d_partial = partial_key_cache.shape
-    flat = partial_key_cache.view(num_blocks * block_size, num_kv_heads, d_partial)
-    flat.index_copy_(0, slot_mapping.long(), partial_keys.to(flat.dtype))
+    num_blocks, block_size, num_kv_heads, width = partial_key_cache.shape
+    flat = partial_key_cache.view(num_blocks * block_size, num_kv_heads, width)
+    if flat.dtype == PACKED_DTYPE:
+        rows = pack_int4(partial_keys)
+    else:
+        rows = partial_keys.to(flat.dtype)
+    flat.index_copy_(0, slot_mapping.long(), rows)
 
 
 def new_residual_sums(
@@ -47,7 +80,9 @@ def new_residual_sums(
     """``[num_blocks, num_kv_heads, d_residual]`` float32 zeros: per block,
     the sum of its tokens' residual keys (the skewed channels the partial
     keys leave out)."""
-    return torch.zeros(num_blocks, num_kv_heads, d_residual, device=device)
+    return torch.zeros(
+        num_blocks, num_kv_heads, d_residual, dtype=RESIDUAL_DTYPE, device=device
+    )
 
 
 def new_block_fill(

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .quant4 import PACKED_DTYPE, unpack_int4
+
 
 class BlockScoreRule(enum.Enum):
     """How token scores become a block score (both in log/logit units).
@@ -91,7 +93,9 @@ def block_scores(
         query_partial: ``[num_reqs, num_heads, d_partial]`` speculated queries
             (query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``).
         partial_key_cache: ``[num_blocks, block_size, num_kv_heads, d_partial]``
-            one layer's partial keys, indexed by physical block id.
+            one layer's partial keys, indexed by physical block id, or their
+            4-bit packing (uint8 ``[..., packed_width(d_partial)]``,
+            :mod:`.quant4`: unpacked after the gather).
         block_table: ``[num_reqs, max_blocks]`` int physical block ids; entries
             past a request's last block are ignored (they must not exceed
             ``num_blocks - 1``; negative entries are read as block 0).
@@ -109,8 +113,8 @@ def block_scores(
         past a request's end.
     """
     num_reqs, max_blocks = block_table.shape
-    num_blocks, block_size, num_kv_heads, d_partial = partial_key_cache.shape
-    num_heads = query_partial.shape[1]
+    num_blocks, block_size, num_kv_heads, width = partial_key_cache.shape
+    num_heads, d_partial = query_partial.shape[1:]
     group = num_heads // num_kv_heads
     tokens = max_blocks * block_size
     device = block_table.device
@@ -120,11 +124,15 @@ def block_scores(
     # Gather the requests' partial keys, one contiguous row per block (one
     # memcpy-like pass; advanced indexing or a head-major permute is several
     # times slower on CPU): [R, T, kv * p].
-    flat = partial_key_cache.reshape(num_blocks, block_size * num_kv_heads * d_partial)
+    flat = partial_key_cache.reshape(num_blocks, block_size * num_kv_heads * width)
     ids = block_table.reshape(-1).clamp(min=0).long()
     keys = space.get("keys", (ids.shape[0], flat.shape[1]), flat.dtype, device)
     torch.index_select(flat, 0, ids, out=keys)
-    keys_f = keys.view(num_reqs, tokens, num_kv_heads * d_partial)
+    if keys.dtype == PACKED_DTYPE:
+        rows = keys.view(num_reqs, tokens, num_kv_heads, width)
+        keys_f = unpack_int4(rows, d_partial).view(num_reqs, tokens, -1)
+    else:
+        keys_f = keys.view(num_reqs, tokens, num_kv_heads * d_partial)
     if keys_f.dtype != torch.float32:
         keys_f = keys_f.float()
     # One batched GEMM per KV head (its query heads against its channels),
