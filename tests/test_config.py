@@ -46,6 +46,7 @@ GOOD: list[tuple[str, Any]] = [
     ("query_source", "real"),
     ("partial_dtype", "bfloat16"),
     ("partial_dtype", "float16"),
+    ("partial_dtype", "int4"),
     ("residual_means", False),
     ("partial_channels", "query_key"),
     ("partial_channels", "query"),
@@ -87,6 +88,7 @@ BAD: list[tuple[str, Any]] = [
     ("head_reduction", 1),
     ("query_source", "actual"),
     ("partial_dtype", "int8"),
+    ("partial_dtype", "uint8"),  # int4's storage type is not an option
     ("residual_means", "no"),
     ("partial_channels", "key"),
     ("recall_sample_rate", 1.5),

@@ -36,8 +36,9 @@ SCORE_RULES: tuple[str, ...] = ("log_mass", "max")
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
 HEAD_REDUCTIONS: tuple[str, ...] = ("mean", "max", "per_head")
 
-#: Storage type of the device partial-key cache (``auto``: the KV cache's).
-PARTIAL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+#: Storage type of the device partial-key cache (``auto``: the KV cache's;
+#: ``int4``: packed 4-bit codes with a scale per token and KV head).
+PARTIAL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16", "int4")
 
 #: Which query InfiniGen scores the partial keys with.
 QUERY_SOURCES: tuple[str, ...] = ("auto", "speculated", "real")
@@ -180,7 +181,15 @@ class InfiniGenConfig:
     precision halves the cache's memory and what speculation reads per step
     (the fused CPU scorer: 2.6 -> 2.1 ms per layer at 16K x 4,
     ``benchmarks/speculation_cost.py``), at a rounding far below the
-    partial channels' own approximation. Fixed at start-up."""
+    partial channels' own approximation. ``int4``: each token and KV head's
+    partial key as symmetric 4-bit codes (``round(k / scale)`` in [-7, 7],
+    ``scale = max |k| / 7``) packed two per byte, with its float16 scale:
+    ``ceil(d_partial / 2) + 2`` bytes (``method/quant4.py``). Meant with
+    ``partial_ratio: 1.0``, the whole key at 4 bits: head_dim 64 takes 34
+    bytes where 30% of the channels in bfloat16 take 40 (head_dim 256: 130
+    against 154), and ranks blocks closer to the exact masses
+    (``docs/method.md``, "Whole keys at 4 bits"); it works at any ratio.
+    Fixed at start-up."""
 
     query_source: str = "auto"
     """Which query InfiniGen scores the partial keys with, one of

@@ -27,6 +27,8 @@ from vllm_infinigen.engine.runtime import (
     plan_kv_write,
     selection_policy,
 )
+from vllm_infinigen.method.partial_cache import partial_key_bytes
+from vllm_infinigen.method.quant4 import PACKED_DTYPE, packed_width, unpack_int4
 from vllm_infinigen.method.recall import attention_block_mass
 from vllm_infinigen.method.scoring import block_scores, residual_block_bias
 from vllm_infinigen.method.selection import PAD, select_blocks
@@ -463,6 +465,32 @@ def test_half_precision_partial_keys_choose_like_full_precision() -> None:
     assert float(same) >= 0.8
     with pytest.raises(ValueError, match="fixed at start-up"):
         half.runtime.reconfigure({"partial_dtype": "float32"})
+
+
+def test_4_bit_partial_keys_are_packed_and_choose_like_full_precision() -> None:
+    full = World([61, 100, 7], budget=0.3, min_blocks=2, partial_dtype="float32")
+    packed = World([61, 100, 7], budget=0.3, min_blocks=2, partial_dtype="int4")
+    layer = packed.layer(2)
+    assert layer.partial_cache is not None and full.layer(2).partial_cache is not None
+    assert layer.partial_cache.dtype == PACKED_DTYPE
+    assert layer.partial_cache.shape == (NUM_BLOCKS, BLOCK, KV, packed_width(P))
+    # Each slot holds its key quantized: within half a step of the floats.
+    want = full.layer(2).partial_cache
+    got = unpack_int4(layer.partial_cache, P)
+    step = want.abs().amax(-1, keepdim=True) / 7
+    assert bool(((got - want).abs() <= step / 2 * 1.01 + 1e-6).all())
+    # The stats count the packed bytes.
+    stats = packed.runtime.stats_snapshot()
+    assert stats["partial_cache_bytes"] == 2 * NUM_BLOCKS * BLOCK * KV * (
+        partial_key_bytes(PACKED_DTYPE, P)
+    )
+    full.prepare(2)
+    packed.prepare(2)
+    a, b = full.runtime.take(full.layer(2)), packed.runtime.take(layer)
+    assert a is not None and b is not None
+    # Rounding may swap blocks of nearly equal score; most choices agree.
+    same = (a.plan.host_ids == b.plan.host_ids).float().mean()
+    assert float(same) >= 0.8
 
 
 def test_auto_query_source_is_real_in_place_and_speculated_with_staging() -> None:

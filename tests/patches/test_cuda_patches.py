@@ -158,10 +158,14 @@ def test_plan_refusals_name_the_option(changes: dict[str, int], message: str) ->
         _plan(**changes)
 
 
-def test_device_bytes_per_block_match_what_the_runtime_allocates() -> None:
+@pytest.mark.parametrize("options", [{}, {"partial_dtype": "int4"}])
+def test_device_bytes_per_block_match_what_the_runtime_allocates(
+    options: dict[str, Any],
+) -> None:
     """Measured from the tensors a sparse layer allocates at its first KV
-    write (partial keys, residual sums and fill, counters), per block."""
-    world = World([30, 41])
+    write (partial keys, packed at 4 bits or not, residual sums and fill,
+    counters), per block."""
+    world = World([30, 41], **options)
     layer = world.layer(1)
     owned = [layer.partial_cache, layer.residual_sums, layer.residual_fill]
     owned.append(layer.counters)
@@ -169,12 +173,11 @@ def test_device_bytes_per_block_match_what_the_runtime_allocates() -> None:
     num_blocks = layer.host_cache.shape[0]
     spec = layer.speculator
     shape = SparseLayerShape(spec.num_kv_heads, spec.d_partial, spec.d_residual)
-    itemsize = layer.partial_cache.element_size()
-    assert device_bytes_per_block([shape], BLOCK, itemsize, 0) * num_blocks == (
-        allocated
-    )
+    dtype = layer.partial_cache.dtype
+    assert dtype == world.runtime.partial_dtype(torch.float32)
+    assert device_bytes_per_block([shape], BLOCK, dtype, 0) * num_blocks == (allocated)
     dense_page = KV * BLOCK * 2 * DIM * 4
-    assert device_bytes_per_block([], BLOCK, itemsize, dense_page) == dense_page
+    assert device_bytes_per_block([], BLOCK, dtype, dense_page) == dense_page
 
 
 def test_staging_covers_both_buffers_and_a_prefill_context() -> None:

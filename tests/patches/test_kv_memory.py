@@ -5,50 +5,78 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_infinigen.method.partial_cache import new_partial_key_cache, new_residual_sums
+from vllm_infinigen.method.partial_cache import (
+    new_partial_key_cache,
+    new_residual_sums,
+    partial_key_bytes,
+)
+from vllm_infinigen.method.quant4 import PACKED_DTYPE
+from vllm_infinigen.method.skew import partial_dim
 from vllm_infinigen.patches.kv_memory import device_tier_share, host_tier_bytes
 
-
-def test_share_of_qwen_shapes() -> None:
-    # 24 layers, head_dim 64, 23 sparse layers of 20 partial channels.
-    share = device_tier_share(24, 64, [20] * 23)
-    partial = 23 * 20 / (24 * 2 * 64)
-    assert share == pytest.approx(partial + 2 / 24)
+LAYERS, SPARSE, KV, BLOCK, BLOCKS = 24, 23, 2, 32, 10
 
 
-def test_in_place_reads_need_no_staging_room() -> None:
-    share = device_tier_share(24, 64, [20] * 23, staging=False)
-    assert share == pytest.approx(23 * 20 / (24 * 2 * 64))
-
-
-def test_share_covers_what_the_device_tier_allocates() -> None:
+@pytest.mark.parametrize(
+    ("head_dim", "ratio", "dtype"),
+    [
+        (64, 0.3, torch.bfloat16),
+        (64, 0.3, torch.float32),
+        (64, 1.0, PACKED_DTYPE),  # whole keys at 4 bits
+        (256, 0.3, PACKED_DTYPE),  # an odd d_partial (77): a spare nibble
+    ],
+)
+def test_share_covers_what_the_device_tier_allocates(
+    head_dim: int, ratio: float, dtype: torch.dtype
+) -> None:
     """The share times the host tier's bytes equals the bytes the runtime
     allocates per sparse layer (partial keys and residual sums), measured
     from the tensors themselves: 24 layers, 23 sparse, bfloat16 KV."""
-    layers, sparse, kv, head_dim, block, blocks, d_partial = 24, 23, 2, 64, 32, 10, 20
-    host = torch.empty(blocks, kv, block, 2 * head_dim, dtype=torch.bfloat16)
-    partial = new_partial_key_cache(blocks, block, kv, d_partial, dtype=torch.bfloat16)
-    sums = new_residual_sums(blocks, kv, head_dim - d_partial)
+    d_partial = partial_dim(head_dim, ratio)
+    d_residual = head_dim - d_partial
+    host = torch.empty(BLOCKS, KV, BLOCK, 2 * head_dim, dtype=torch.bfloat16)
+    partial = new_partial_key_cache(BLOCKS, BLOCK, KV, d_partial, dtype=dtype)
+    sums = new_residual_sums(BLOCKS, KV, d_residual)
     share = device_tier_share(
-        layers,
+        LAYERS,
         head_dim,
-        [d_partial] * sparse,
+        host.element_size(),
+        [partial_key_bytes(dtype, d_partial)] * SPARSE,
         staging=False,
-        residual_dims=[head_dim - d_partial] * sparse,
-        block_size=block,
-        residual_itemsize_ratio=4 / 2,
+        residual_dims=[d_residual] * SPARSE,
+        block_size=BLOCK,
     )
-    allocated = sparse * (partial.nbytes + sums.nbytes)
-    assert share * layers * host.nbytes == pytest.approx(allocated)
+    allocated = SPARSE * (partial.nbytes + sums.nbytes)
+    assert share * LAYERS * host.nbytes == pytest.approx(allocated)
+
+
+def test_staging_reserves_two_layers_of_the_cache() -> None:
+    partial = [partial_key_bytes(torch.bfloat16, 20)] * SPARSE
+    in_place = device_tier_share(LAYERS, 64, 2, partial, staging=False)
+    staged = device_tier_share(LAYERS, 64, 2, partial)
+    assert staged - in_place == pytest.approx(2 / LAYERS)
+
+
+def test_whole_keys_at_4_bits_need_less_room_than_30_percent_in_bfloat16() -> None:
+    for head_dim in (64, 128, 256):  # Qwen2.5 0.5B, Llama, Gemma 3 270M
+        whole = partial_key_bytes(PACKED_DTYPE, partial_dim(head_dim, 1.0))
+        part = partial_key_bytes(torch.bfloat16, partial_dim(head_dim, 0.3))
+        assert whole < part
+        shares = [
+            device_tier_share(LAYERS, head_dim, 2, [b] * SPARSE, staging=False)
+            for b in (whole, part)
+        ]
+        assert shares[0] < shares[1]
 
 
 def test_no_sparse_layer_needs_no_room() -> None:
-    assert device_tier_share(24, 64, []) == 0.0
+    assert device_tier_share(24, 64, 2, []) == 0.0
 
 
 def test_host_and_device_tiers_fit_the_automatic_size() -> None:
     automatic = 10 << 30
-    share = device_tier_share(26, 256, [77] * 4)  # Gemma 3 270M: 4 global layers
+    # Gemma 3 270M: 26 layers, 4 global (sparse) ones of 77 partial channels.
+    share = device_tier_share(26, 256, 2, [partial_key_bytes(torch.bfloat16, 77)] * 4)
     host = host_tier_bytes(automatic, share)
     assert host < automatic
     assert host * (1 + share) <= automatic
@@ -57,12 +85,6 @@ def test_host_and_device_tiers_fit_the_automatic_size() -> None:
 
 def test_bad_shapes_rejected() -> None:
     with pytest.raises(ValueError, match="num_layers"):
-        device_tier_share(0, 64, [])
-
-
-def test_half_precision_partial_keys_need_half_the_room() -> None:
-    full = device_tier_share(24, 64, [20] * 23, staging=False)
-    half = device_tier_share(
-        24, 64, [20] * 23, staging=False, partial_itemsize_ratio=0.5
-    )
-    assert half == pytest.approx(full / 2)
+        device_tier_share(0, 64, 2, [])
+    with pytest.raises(ValueError, match="kv_itemsize"):
+        device_tier_share(24, 64, 0, [])

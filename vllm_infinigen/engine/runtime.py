@@ -46,6 +46,7 @@ from vllm_infinigen.engine.policies.registry import POLICIES, make_policy
 from vllm_infinigen.engine.stats import StepStats, snapshot
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.partial_cache import write_partial_keys, write_residual_sums
+from vllm_infinigen.method.quant4 import PACKED_DTYPE
 from vllm_infinigen.method.recall import selected_share
 from vllm_infinigen.method.scoring import BlockScoreRule
 from vllm_infinigen.method.selection import (
@@ -178,8 +179,13 @@ class InfiniGenRuntime:
             self.copier = BlockCopier(swap_mode)
 
     def partial_dtype(self, key_dtype: torch.dtype) -> torch.dtype:
-        """Storage type of the partial-key cache for keys of ``key_dtype``."""
+        """Storage type of the partial-key cache for keys of ``key_dtype``
+        (``int4``: :data:`~vllm_infinigen.method.quant4.PACKED_DTYPE`, uint8;
+        :func:`~vllm_infinigen.method.partial_cache.partial_key_bytes` gives
+        its bytes per token and KV head)."""
         name = self.config.partial_dtype
+        if name == "int4":
+            return PACKED_DTYPE
         if name != "auto":
             return getattr(torch, name)  # type: ignore[no-any-return]
         # Scores need no more than half precision: a float32 model's partial

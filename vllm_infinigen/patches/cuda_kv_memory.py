@@ -29,6 +29,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from vllm_infinigen.method.partial_cache import RESIDUAL_DTYPE, partial_key_bytes
 from vllm_infinigen.patches._version import require_vllm
 from vllm_infinigen.patches.platform_config import infinigen_selected
 
@@ -42,8 +45,6 @@ GIB = 1 << 30
 #: the selection counter (int64) and the residual-sum fill (int32).
 COUNTER_BYTES = 8
 FILL_BYTES = 4
-#: Bytes of one residual-sum entry (float32, ``method/partial_cache.py``).
-RESIDUAL_ITEMSIZE = 4
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,22 @@ class SparseLayerShape:
 def device_bytes_per_block(
     sparse: list[SparseLayerShape],
     block_size: int,
-    partial_itemsize: int,
+    partial_dtype: torch.dtype,
     dense_page_bytes: int,
 ) -> int:
     """Device bytes one block id costs: the dense layers' pages
     (``dense_page_bytes``, summed over dense layers) plus, per sparse layer,
-    the partial keys ``[block_size, kv_heads, d_partial]``, the residual sums
+    the partial keys ``[block_size, kv_heads, d_partial]`` stored as
+    ``partial_dtype`` (``partial_key_bytes`` of ``method/partial_cache.py``:
+    the packed bytes for 4-bit keys), the residual sums
     ``[kv_heads, d_residual]`` float32 with their fill, and the counter (what
     :meth:`~vllm_infinigen.engine.layer_state.SparseLayer.allocate` makes)."""
     total = dense_page_bytes
     for layer in sparse:
-        total += block_size * layer.num_kv_heads * layer.d_partial * partial_itemsize
+        per_token = partial_key_bytes(partial_dtype, layer.d_partial)
+        total += block_size * layer.num_kv_heads * per_token
         if layer.d_residual:
-            total += layer.num_kv_heads * layer.d_residual * RESIDUAL_ITEMSIZE
+            total += layer.num_kv_heads * layer.d_residual * RESIDUAL_DTYPE.itemsize
             total += FILL_BYTES
         total += COUNTER_BYTES
     return total
@@ -238,7 +242,7 @@ def size_tiers(worker: Any, runtime: Any, gpu_kv_bytes: int) -> KVBlockPlan:
         for s in runtime.speculators.values()
     ]
     device = device_bytes_per_block(
-        shapes, block_size, runtime.partial_dtype(kv_dtype).itemsize, dense
+        shapes, block_size, runtime.partial_dtype(kv_dtype), dense
     )
     page = max(_page_bytes(specs[n]) for n in sparse_names)
     config = runtime.config

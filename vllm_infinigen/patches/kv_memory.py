@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from vllm_infinigen.method.partial_cache import RESIDUAL_DTYPE, partial_key_bytes
 from vllm_infinigen.patches._version import require_vllm
 from vllm_infinigen.patches.platform_config import infinigen_selected
 
@@ -30,42 +31,43 @@ _MARK = "_vllm_infinigen_patched"
 def device_tier_share(
     num_layers: int,
     head_dim: int,
-    partial_dims: list[int],
+    kv_itemsize: int,
+    partial_bytes: list[int],
     staging: bool = True,
-    partial_itemsize_ratio: float = 1.0,
     residual_dims: list[int] | None = None,
     block_size: int = 1,
-    residual_itemsize_ratio: float = 1.0,
 ) -> float:
     """Device-tier bytes per byte of host-tier KV cache.
 
     Per block, the host tier holds keys and values of every attention layer
-    (``num_layers * 2 * head_dim`` numbers per token and KV head); the partial
-    key cache holds ``d_partial`` numbers per token and KV head for each sparse
-    layer (``partial_dims``), in the same dtype or, with ``partial_dtype``,
-    ``partial_itemsize_ratio`` times its item size. The residual sums hold
-    ``d_residual`` numbers per *block* and KV head for each sparse layer
-    (``residual_dims``, float32: ``residual_itemsize_ratio`` times the
-    cache's item size), ``1 / block_size`` of that per token. A staging buffer holds one
-    layer's blocks of the running requests (their selected blocks, and the
-    whole context of prefilling ones), so each of the two is reserved one
-    layer's share of the cache: ``2 / num_layers``; the in-place placement
-    (``staging=False``) has none. This is an estimate, not
-    a bound: a prefix block shared by several requests is staged once per
-    request, so heavy prefix sharing can stage more.
+    (``num_layers * 2 * head_dim`` numbers of ``kv_itemsize`` bytes per token
+    and KV head); the partial key cache holds ``partial_bytes`` per token and
+    KV head for each sparse layer
+    (:func:`~vllm_infinigen.method.partial_cache.partial_key_bytes`: its
+    channels at its storage type, or their 4-bit packing). The residual sums
+    hold ``d_residual`` float32 numbers per *block* and KV head for each
+    sparse layer (``residual_dims``), ``1 / block_size`` of that per token. A
+    staging buffer holds one layer's blocks of the running requests (their
+    selected blocks, and the whole context of prefilling ones), so each of
+    the two is reserved one layer's share of the cache: ``2 / num_layers``;
+    the in-place placement (``staging=False``) has none. This is an
+    estimate, not a bound: a prefix block shared by several requests is
+    staged once per request, so heavy prefix sharing can stage more.
 
     Args:
         num_layers: attention layers of the model (sparse and dense).
         head_dim: the layers' head size.
-        partial_dims: ``d_partial`` of every sparse layer.
+        kv_itemsize: bytes of one number of the host KV cache.
+        partial_bytes: bytes per token and KV head of every sparse layer's
+            partial keys.
     """
-    if num_layers <= 0 or head_dim <= 0:
-        raise ValueError("num_layers and head_dim must be positive")
-    partial = sum(partial_dims) / (num_layers * 2 * head_dim)
-    partial *= partial_itemsize_ratio
-    residual = sum(residual_dims or []) / (block_size * num_layers * 2 * head_dim)
-    partial += residual * residual_itemsize_ratio
-    buffers = 2 / num_layers if partial_dims and staging else 0.0
+    if num_layers <= 0 or head_dim <= 0 or kv_itemsize <= 0:
+        raise ValueError("num_layers, head_dim and kv_itemsize must be positive")
+    host = num_layers * 2 * head_dim * kv_itemsize  # bytes per token and KV head
+    partial = sum(partial_bytes) / host
+    residual = sum(residual_dims or []) * RESIDUAL_DTYPE.itemsize
+    partial += residual / (block_size * host)
+    buffers = 2 / num_layers if partial_bytes and staging else 0.0
     return partial + buffers
 
 
@@ -103,12 +105,14 @@ def apply() -> bool:
         share = device_tier_share(
             len(runtime.layers),
             first.head_dim,
-            [s.d_partial for s in runtime.speculators.values()],
+            kv_dtype.itemsize,
+            [
+                partial_key_bytes(partial_dtype, s.d_partial)
+                for s in runtime.speculators.values()
+            ],
             staging=not runtime.in_place,
-            partial_itemsize_ratio=partial_dtype.itemsize / kv_dtype.itemsize,
             residual_dims=[s.d_residual for s in runtime.speculators.values()],
             block_size=self.cache_config.block_size or 1,
-            residual_itemsize_ratio=4 / kv_dtype.itemsize,
         )
         gib = float(1 << 30)
         if explicit:
