@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vllm_infinigen.engine.cpu_scoring import load_block_scorer
+from vllm_infinigen.method.quant4 import pack_int4, unpack_int4
 from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
 
 
@@ -68,6 +69,40 @@ def test_half_precision_partial_keys(scorer) -> None:  # type: ignore[no-untyped
     want = block_scores(query, cache.float(), table, seq_lens, 0.125)
     got = scorer(query, cache, table, seq_lens, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
+@pytest.mark.parametrize("biased", [False, True])
+@pytest.mark.parametrize(("block_size", "d_partial"), [(32, 20), (16, 7), (64, 64)])
+def test_4_bit_partial_keys_match_reference(
+    scorer, rule: BlockScoreRule, biased: bool, block_size: int, d_partial: int
+) -> None:  # type: ignore[no-untyped-def]
+    """Packed keys (odd and even channel counts, partly filled tiles) score
+    as the torch path scores them, and as the floats they decode to."""
+    query, cache, table, seq_lens = _case(d_partial, block_size, torch.float32)
+    query = torch.randn(*query.shape[:2], d_partial) * 2
+    cache = torch.randn(*cache.shape[:3], d_partial) * 3
+    packed = pack_int4(cache)
+    bias = None
+    if biased:
+        gen = torch.Generator().manual_seed(d_partial)
+        bias = torch.randn(*query.shape[:2], table.shape[1], generator=gen) * 4
+    want = block_scores(query, packed, table, seq_lens, 0.125, rule, block_bias=bias)
+    dequantized = unpack_int4(packed, d_partial)
+    again = block_scores(
+        query, dequantized, table, seq_lens, 0.125, rule, block_bias=bias
+    )
+    got = scorer(query, packed, table, seq_lens, 0.125, rule, block_bias=bias)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, again, rtol=1e-4, atol=1e-4)
+
+
+def test_4_bit_rows_of_another_width_are_refused(scorer) -> None:  # type: ignore[no-untyped-def]
+    query, cache, table, seq_lens = _case(2, 32, torch.float32)  # 20 channels
+    packed = pack_int4(cache[..., :17])  # 11 bytes: 17 channels, not 20's 12
+    with pytest.raises(RuntimeError, match="12 elements for 20 channels packed"):
+        scorer(query, packed, table, seq_lens, 0.125)
 
 
 def test_empty_table(scorer) -> None:  # type: ignore[no-untyped-def]

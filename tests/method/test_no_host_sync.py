@@ -9,6 +9,7 @@ import torch
 
 from tests.engine.test_runtime import World
 from vllm_infinigen.method.counters import count_selected_blocks
+from vllm_infinigen.method.quant4 import pack_int4
 from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
 from vllm_infinigen.method.selection import (
@@ -22,10 +23,11 @@ from vllm_infinigen.method.speculator import LayerSpeculator
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("rule", list(BlockScoreRule))
 @pytest.mark.parametrize("reduction", list(HeadReduction))
 def test_decode_path_has_no_host_sync(
-    rule: BlockScoreRule, reduction: HeadReduction
+    rule: BlockScoreRule, reduction: HeadReduction, packed: bool
 ) -> None:
     device = torch.device("cuda")
     heads, kv, dim, hidden, block_size = 8, 2, 64, 128, 16
@@ -41,6 +43,8 @@ def test_decode_path_has_no_host_sync(
         on_device, q_weight=w_q, q_bias=b_q, num_heads=heads, rope=NeoxRotary(dim)
     )
     cache = torch.randn(64, block_size, kv, layer.d_partial, device=device)
+    if packed:  # partial keys at 4 bits (option partial_dtype: int4)
+        cache = pack_int4(cache)
     table = torch.randperm(64, device=device)[:40].view(4, 10).to(torch.int32)
     seq_lens = torch.tensor([1, 17, 100, 160], device=device)
     x = torch.randn(4, hidden, device=device)
@@ -61,11 +65,26 @@ def test_decode_path_has_no_host_sync(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["infinigen", "streaming", "h2o"])
-def test_layer_path_has_no_host_sync(policy: str) -> None:
+@pytest.mark.parametrize(
+    ("policy", "partial_dtype"),
+    [
+        ("infinigen", "auto"),
+        ("infinigen", "int4"),
+        ("streaming", "auto"),
+        ("h2o", "auto"),
+    ],
+)
+def test_layer_path_has_no_host_sync(policy: str, partial_dtype: str) -> None:
     """The per-layer decode path (score, select, count, plan in place) never
     waits for the device."""
-    world = World([61, 100, 7], device="cuda", budget=0.3, min_blocks=2, policy=policy)
+    world = World(
+        [61, 100, 7],
+        device="cuda",
+        budget=0.3,
+        min_blocks=2,
+        policy=policy,
+        partial_dtype=partial_dtype,
+    )
     layer = world.layer(1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

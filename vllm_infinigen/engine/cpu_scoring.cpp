@@ -13,7 +13,11 @@
 //
 // Shapes (all contiguous):
 //   query   [R, H, P] float32, already multiplied by the softmax scale
-//   cache   [N, B, KV, P] float32 / bfloat16 / float16 (the partial keys)
+//   cache   [N, B, KV, P] float32 / bfloat16 / float16 (the partial keys), or
+//           [N, B, KV, W] uint8, the keys packed at 4 bits (method/quant4.py):
+//           W = ceil(P / 2) + 2 bytes per row, channel 2i in the low nibble
+//           of byte i and 2i+1 in its high nibble, nibble n = code n - 8,
+//           then the row's float16 scale, little-endian; key = code * scale
 //   table   [R, M] int32 physical block ids
 //   lens    [R] int32 tokens per request (1 <= len <= M * B)
 //   bias    [R, H, M] float32 in logit units, or empty (none)
@@ -77,16 +81,79 @@ inline void tile_logits(const float* __restrict q, const float* __restrict k,
   }
 }
 
+// How a tile's keys are read: [t][g][row] -> [g][c][t] floats (tokens
+// innermost), for count <= kTile tokens of a block starting at kt. A row is
+// one (token, KV head)'s partial key: width(P) elements of elem_t.
 template <typename scalar_t>
-void score_requests(const float* query, const scalar_t* cache, const int32_t* table,
-                    const int32_t* lens, const float* bias, float* out,
+struct FloatKeys {
+  using elem_t = scalar_t;
+  static int64_t width(int64_t P) { return P; }
+  static void load(const elem_t* kt, float* keys, int64_t count, int64_t KV,
+                   int64_t P) {
+    // A partly filled last tile copies only its valid tokens.
+    if (count == kTile) {
+      for (int64_t gc = 0; gc < KV * P; ++gc) {
+        float* dst = keys + gc * kTile;
+#pragma omp simd
+        for (int64_t t = 0; t < kTile; ++t)
+          dst[t] = static_cast<float>(kt[t * KV * P + gc]);
+      }
+    } else {
+      for (int64_t t = 0; t < count; ++t)
+        for (int64_t gc = 0; gc < KV * P; ++gc)
+          keys[gc * kTile + t] = static_cast<float>(kt[t * KV * P + gc]);
+    }
+  }
+};
+
+struct Int4Keys {
+  using elem_t = uint8_t;
+  static int64_t width(int64_t P) { return (P + 1) / 2 + 2; }
+  static void load(const elem_t* kt, float* keys, int64_t count, int64_t KV,
+                   int64_t P) {
+    const int64_t W = width(P), pairs = P / 2, scale_at = (P + 1) / 2;
+    const int64_t stride = KV * W;  // bytes from one token's row to the next
+    float scales[kTile];
+    for (int64_t g = 0; g < KV; ++g) {
+      const uint8_t* rows = kt + g * W;
+      for (int64_t t = 0; t < count; ++t) {
+        const uint8_t* s = rows + t * stride + scale_at;
+        const uint16_t bits = static_cast<uint16_t>(s[0] | (s[1] << 8));
+        scales[t] = static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+      }
+      float* dst = keys + g * P * kTile;
+      for (int64_t i = 0; i < pairs; ++i) {
+        float* lo = dst + 2 * i * kTile;
+        float* hi = lo + kTile;
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) {
+          const int b = rows[t * stride + i];
+          lo[t] = static_cast<float>((b & 15) - 8) * scales[t];
+          hi[t] = static_cast<float>((b >> 4) - 8) * scales[t];
+        }
+      }
+      if (P % 2) {  // the last channel: a low nibble alone
+        float* lo = dst + (P - 1) * kTile;
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t)
+          lo[t] = static_cast<float>((rows[t * stride + pairs] & 15) - 8) * scales[t];
+      }
+    }
+  }
+};
+
+template <typename Keys>
+void score_requests(const float* query, const typename Keys::elem_t* cache,
+                    const int32_t* table, const int32_t* lens, const float* bias, float* out,
                     int64_t begin, int64_t end,
                     int64_t M, int64_t B, int64_t KV, int64_t P, int64_t G,
                     int64_t rule) {
   const bool log_mass = rule != 0;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t H = KV * G;
-  const int64_t block_elems = B * KV * P;
+  using scalar_t = typename Keys::elem_t;
+  const int64_t row = KV * Keys::width(P);  // elements per token
+  const int64_t block_elems = B * row;
   const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(scalar_t));
   std::vector<float> keys(KV * P * kTile);  // [KV][P][tile]: tokens innermost
   std::vector<float> logits(G * kTile);     // [G][tile]
@@ -116,21 +183,8 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
       const int64_t valid = std::min<int64_t>(B, len - j * B);
       for (int64_t start = 0; start < valid; start += kTile) {
         const int64_t count = std::min<int64_t>(kTile, valid - start);
-        // One pass over the tile's keys, every KV head: [t][g][c] -> [g][c][t]
-        // (a partly filled last tile copies only its valid tokens).
-        const scalar_t* kt = k + start * KV * P;
-        if (count == kTile) {
-          for (int64_t gc = 0; gc < KV * P; ++gc) {
-            float* dst = keys.data() + gc * kTile;
-#pragma omp simd
-            for (int64_t t = 0; t < kTile; ++t)
-              dst[t] = static_cast<float>(kt[t * KV * P + gc]);
-          }
-        } else {
-          for (int64_t t = 0; t < count; ++t)
-            for (int64_t gc = 0; gc < KV * P; ++gc)
-              keys[gc * kTile + t] = static_cast<float>(kt[t * KV * P + gc]);
-        }
+        // One pass over the tile's keys, every KV head: [t][g][c] -> [g][c][t].
+        Keys::load(k + start * row, keys.data(), count, KV, P);
         for (int64_t g = 0; g < KV; ++g) {
           tile_logits(q + g * G * P, keys.data() + g * P * kTile, logits.data(), G, P);
           for (int64_t h = 0; h < G; ++h) {
@@ -218,33 +272,45 @@ void score_requests(const float* query, const scalar_t* cache, const int32_t* ta
 torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
                            torch::Tensor table, torch::Tensor lens, torch::Tensor bias,
                            int64_t rule) {
-  TORCH_CHECK(query.is_contiguous() && query.scalar_type() == torch::kFloat32,
-              "query must be contiguous float32");
-  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, "cache must be [N, B, KV, P]");
+  TORCH_CHECK(query.is_contiguous() && query.scalar_type() == torch::kFloat32 &&
+                  query.dim() == 3,
+              "query must be contiguous float32 [R, H, P]");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, "cache must be [N, B, KV, W]");
   TORCH_CHECK(table.is_contiguous() && table.scalar_type() == torch::kInt32,
               "table must be contiguous int32");
   TORCH_CHECK(lens.is_contiguous() && lens.scalar_type() == torch::kInt32,
               "lens must be contiguous int32");
   const int64_t R = table.size(0), M = table.size(1);
-  const int64_t B = cache.size(1), KV = cache.size(2), P = cache.size(3);
+  const int64_t B = cache.size(1), KV = cache.size(2), P = query.size(2);
   const int64_t G = query.size(1) / KV;
+  const bool packed = cache.scalar_type() == torch::kUInt8;
+  const int64_t W = packed ? Int4Keys::width(P) : P;
+  TORCH_CHECK(cache.size(3) == W, "cache rows must be ", W, " elements for ", P,
+              " channels", packed ? " packed at 4 bits" : "", ", got ", cache.size(3));
   const bool biased = bias.numel() > 0;
   TORCH_CHECK(!biased || (bias.is_contiguous() && bias.scalar_type() == torch::kFloat32 &&
                           bias.numel() == R * query.size(1) * M),
               "bias must be contiguous float32 [R, H, M] or empty");
   auto out = torch::empty({R, KV, M}, query.options());
+  const float* q = query.data_ptr<float>();
+  const int32_t* t = table.data_ptr<int32_t>();
+  const int32_t* n = lens.data_ptr<int32_t>();
+  const float* b = biased ? bias.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  if (packed) {
+    const uint8_t* c = cache.data_ptr<uint8_t>();
+    at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+      score_requests<Int4Keys>(q, c, t, n, b, o, begin, end, M, B, KV, P, G, rule);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::BFloat16, at::ScalarType::Half, cache.scalar_type(),
       "infinigen_block_scores", [&] {
-        const float* q = query.data_ptr<float>();
         const scalar_t* c = cache.data_ptr<scalar_t>();
-        const int32_t* t = table.data_ptr<int32_t>();
-        const int32_t* n = lens.data_ptr<int32_t>();
-        const float* b = biased ? bias.data_ptr<float>() : nullptr;
-        float* o = out.data_ptr<float>();
         at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-          score_requests<scalar_t>(q, c, t, n, b, o, begin, end, M, B, KV, P, G,
-                                   rule);
+          score_requests<FloatKeys<scalar_t>>(q, c, t, n, b, o, begin, end, M, B, KV,
+                                              P, G, rule);
         });
       });
   return out;

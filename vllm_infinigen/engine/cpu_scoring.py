@@ -88,7 +88,9 @@ def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer |
         block_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same contract as :func:`~vllm_infinigen.method.scoring.block_scores`
-        (CPU tensors)."""
+        (CPU tensors; partial keys in float32, bfloat16 or float16, or packed
+        at 4 bits, uint8, :mod:`~vllm_infinigen.method.quant4`: the op
+        decodes each tile of codes into the float tile it scores)."""
         num_reqs, max_blocks = block_table.shape
         if max_blocks == 0:
             return torch.full((num_reqs, partial_key_cache.shape[2], 0), float("-inf"))
