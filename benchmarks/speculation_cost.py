@@ -45,6 +45,7 @@ from vllm_infinigen.engine.cpu_scoring import load_block_scorer
 from vllm_infinigen.engine.placement import plan_in_place, plan_staging
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.rotary import NeoxRotary
+from vllm_infinigen.method.quant4 import pack_int4
 from vllm_infinigen.method.scoring import Workspace, block_scores, residual_block_bias
 from vllm_infinigen.method.selection import SelectionPolicy, select_blocks
 from vllm_infinigen.method.skew import LayerSkew
@@ -206,6 +207,17 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
         layers,
         repeats,
     )
+    # Every key channel packed at 4 bits (partial_ratio 1.0, partial_dtype
+    # int4): no residual term, the whole query scored.
+    packed = [
+        pack_int4(torch.randn(num_blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen))
+        for _ in range(layers)
+    ]
+    scores_int4_whole_ms = _time_ms(
+        lambda i: (fused or block_scores)(whole, packed[i], table, seq_lens, scale),
+        layers,
+        repeats,
+    )
     copier = BlockCopier("sync")
     copy_ms = _time_ms(
         lambda i: copier.submit(i % 2, host[i], staged.src_block_ids).wait(),
@@ -229,6 +241,7 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
         "selection_ms": selection_ms,
         "fused_scorer": fused is not None,
         "scores_bf16_ms": scores_bf16_ms,
+        "scores_int4_whole_ms": scores_int4_whole_ms,
         "partial_mb": sum(p.numel() for p in partial) * 4 / layers / 1e6,
         "scores_torch_ops_ms": torch_scores_ms,
         "selected_fraction": staged.total_blocks / max(blocks * batch, 1),
@@ -280,7 +293,8 @@ def main() -> None:
             print(
                 f"{context:>6} x{batch}: selection {row['selection_ms']:.2f} ms "
                 f"(scores {row['scores_ms']:.2f}, bf16 partial keys "
-                f"{row['scores_bf16_ms']:.2f}, torch ops "
+                f"{row['scores_bf16_ms']:.2f}, whole keys at 4 bits "
+                f"{row['scores_int4_whole_ms']:.2f}, torch ops "
                 f"{row['scores_torch_ops_ms']:.2f}); kernel dense "
                 f"{row['kernel_dense_ms']:.2f} ms, selected "
                 f"{row['kernel_selected_ms']:.2f} ms; staging copy "
