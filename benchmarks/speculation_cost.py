@@ -44,8 +44,8 @@ from vllm_infinigen.engine.copier import BlockCopier
 from vllm_infinigen.engine.cpu_scoring import load_block_scorer
 from vllm_infinigen.engine.placement import plan_in_place, plan_staging
 from vllm_infinigen.method.counters import count_selected_blocks
-from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.quant4 import pack_int4
+from vllm_infinigen.method.rotary import NeoxRotary
 from vllm_infinigen.method.scoring import Workspace, block_scores, residual_block_bias
 from vllm_infinigen.method.selection import SelectionPolicy, select_blocks
 from vllm_infinigen.method.skew import LayerSkew
@@ -209,10 +209,8 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
     )
     # Every key channel packed at 4 bits (partial_ratio 1.0, partial_dtype
     # int4): no residual term, the whole query scored.
-    packed = [
-        pack_int4(torch.randn(num_blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen))
-        for _ in range(layers)
-    ]
+    whole_shape = (num_blocks, block_size, KV_HEADS, HEAD_DIM)
+    packed = [pack_int4(torch.randn(whole_shape, generator=gen)) for _ in range(layers)]
     scores_int4_whole_ms = _time_ms(
         lambda i: (fused or block_scores)(whole, packed[i], table, seq_lens, scale),
         layers,
