@@ -443,6 +443,19 @@ def test_real_query_source_chooses_at_attention_from_the_layers_query() -> None:
     assert torch.equal(ahead.plan.host_ids, read.plan.host_ids)
 
 
+def _assert_choices_agree(full: World, rounded: World) -> None:
+    """Layer 2's blocks chosen from full-precision and from rounded partial
+    keys: rounding may swap blocks of nearly equal score; most choices
+    agree."""
+    full.prepare(2)
+    rounded.prepare(2)
+    a = full.runtime.take(full.layer(2))
+    b = rounded.runtime.take(rounded.layer(2))
+    assert a is not None and b is not None
+    same = (a.plan.host_ids == b.plan.host_ids).float().mean()
+    assert float(same) >= 0.8
+
+
 def test_half_precision_partial_keys_choose_like_full_precision() -> None:
     full = World([61, 100, 7], budget=0.3, min_blocks=2, partial_dtype="float32")
     half = World([61, 100, 7], budget=0.3, min_blocks=2)  # auto: bfloat16
@@ -456,13 +469,7 @@ def test_half_precision_partial_keys_choose_like_full_precision() -> None:
         rtol=1e-2,
         atol=1e-2,
     )
-    full.prepare(2)
-    half.prepare(2)
-    a, b = full.runtime.take(full.layer(2)), half.runtime.take(layer)
-    assert a is not None and b is not None
-    # Rounding may swap blocks of nearly equal score; most choices agree.
-    same = (a.plan.host_ids == b.plan.host_ids).float().mean()
-    assert float(same) >= 0.8
+    _assert_choices_agree(full, half)
     with pytest.raises(ValueError, match="fixed at start-up"):
         half.runtime.reconfigure({"partial_dtype": "float32"})
 
@@ -484,13 +491,7 @@ def test_4_bit_partial_keys_are_packed_and_choose_like_full_precision() -> None:
     assert stats["partial_cache_bytes"] == 2 * NUM_BLOCKS * BLOCK * KV * (
         partial_key_bytes(PACKED_DTYPE, P)
     )
-    full.prepare(2)
-    packed.prepare(2)
-    a, b = full.runtime.take(full.layer(2)), packed.runtime.take(layer)
-    assert a is not None and b is not None
-    # Rounding may swap blocks of nearly equal score; most choices agree.
-    same = (a.plan.host_ids == b.plan.host_ids).float().mean()
-    assert float(same) >= 0.8
+    _assert_choices_agree(full, packed)
 
 
 def test_auto_query_source_is_real_in_place_and_speculated_with_staging() -> None:
