@@ -8,6 +8,13 @@ staging copy thread), the drained streams must arrive whole and the server
 must exit by itself, without a traceback in its log, leaving no process and
 no shared-memory segment behind.
 
+One traceback is vLLM 0.32's own and is let through: after its client has
+shut down ("[shutdown] MPClient: complete"), the client's cleanup cancels the
+task that reads engine outputs, which hands ``EngineDeadError`` to the API
+server's output handler; when the event loop runs that before the handler's
+own cancellation arrives, vLLM logs "AsyncLLM output_handler failed" with
+the error. Which comes first is a matter of thread timing, with any backend.
+
 vLLM 0.32's default, ``--shutdown-timeout 0`` ("abort"), force-kills the
 engine process right after signalling it, and open streams then stay open
 until their clients give up: the same with vLLM's own attention backend, so
@@ -101,12 +108,39 @@ def _sigterm_during_decode(
     return server, records, tree
 
 
+def _unexpected_tracebacks(log: str) -> list[str]:
+    """The log's tracebacks, as their first lines, less vLLM's teardown race
+    (module docstring): a traceback logged by ``async_llm.py`` after the
+    client's shutdown completed, whose last line is ``EngineDeadError``."""
+    lines = log.splitlines()
+    done = next(
+        (i for i, line in enumerate(lines) if "[shutdown] MPClient: complete" in line),
+        len(lines),
+    )
+    found = []
+    for i, line in enumerate(lines):
+        if "Traceback" not in line:
+            continue
+        if i > done and "[async_llm.py:" in line:
+            start = line.index("[async_llm.py:")
+            tag = line[start : line.index("]", start) + 1]
+            block = [line]
+            for following in lines[i + 1 :]:
+                if tag not in following:
+                    break
+                block.append(following)
+            if "EngineDeadError" in block[-1]:
+                continue
+        found.append(line)
+    return found
+
+
 def _assert_clean_exit(server: Server, tree: list[int], shm_before: set[str]) -> None:
     import psutil
 
     log = server.log()
     assert server.process.returncode in (0, -signal.SIGTERM), log[-3000:]
-    assert "Traceback" not in log, log[-6000:]
+    assert not _unexpected_tracebacks(log), log[-6000:]
     time.sleep(2)  # children exit right after their parent
     left = []
     for pid in tree:
