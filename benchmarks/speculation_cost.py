@@ -216,6 +216,17 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
         layers,
         repeats,
     )
+    # Every key channel in bfloat16 (partial_ratio 1.0, partial_dtype
+    # bfloat16): exact keys at half their float32 bytes.
+    whole_bf16 = [
+        torch.randn(whole_shape, generator=gen).to(torch.bfloat16)
+        for _ in range(layers)
+    ]
+    scores_bf16_whole_ms = _time_ms(
+        lambda i: (fused or block_scores)(whole, whole_bf16[i], table, seq_lens, scale),
+        layers,
+        repeats,
+    )
     copier = BlockCopier("sync")
     copy_ms = _time_ms(
         lambda i: copier.submit(i % 2, host[i], staged.src_block_ids).wait(),
@@ -240,6 +251,7 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
         "fused_scorer": fused is not None,
         "scores_bf16_ms": scores_bf16_ms,
         "scores_int4_whole_ms": scores_int4_whole_ms,
+        "scores_bf16_whole_ms": scores_bf16_whole_ms,
         "partial_mb": sum(p.numel() for p in partial) * 4 / layers / 1e6,
         "scores_torch_ops_ms": torch_scores_ms,
         "selected_fraction": staged.total_blocks / max(blocks * batch, 1),
@@ -292,7 +304,8 @@ def main() -> None:
                 f"{context:>6} x{batch}: selection {row['selection_ms']:.2f} ms "
                 f"(scores {row['scores_ms']:.2f}, bf16 partial keys "
                 f"{row['scores_bf16_ms']:.2f}, whole keys at 4 bits "
-                f"{row['scores_int4_whole_ms']:.2f}, torch ops "
+                f"{row['scores_int4_whole_ms']:.2f}, whole keys in bfloat16 "
+                f"{row['scores_bf16_whole_ms']:.2f}, torch ops "
                 f"{row['scores_torch_ops_ms']:.2f}); kernel dense "
                 f"{row['kernel_dense_ms']:.2f} ms, selected "
                 f"{row['kernel_selected_ms']:.2f} ms; staging copy "

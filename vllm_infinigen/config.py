@@ -29,8 +29,9 @@ ADDITIONAL_CONFIG_KEY = "infinigen"
 SWAP_MODES: tuple[str, ...] = ("in_place", "sync", "thread")
 
 #: How InfiniGen turns the speculated logits of the query heads sharing a KV
-#: head into one block score (``method/scoring.py``'s ``BlockScoreRule``).
-SCORE_RULES: tuple[str, ...] = ("log_mass", "max")
+#: head into one block score (``method/scoring.py``'s ``BlockScoreRule``);
+#: ``max_first``: ``max`` on the first sparse layer, ``log_mass`` on the rest.
+SCORE_RULES: tuple[str, ...] = ("log_mass", "max", "max_first")
 
 #: How the KV heads' block scores become one per block, since every KV head
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
@@ -157,8 +158,12 @@ class InfiniGenConfig:
     score_rule: str = "log_mass"
     """How InfiniGen scores a block from the query heads that share a KV
     head, one of :data:`SCORE_RULES`: ``log_mass`` (the log of their mean
-    speculated attention mass in the block) or ``max`` (the largest
-    speculated logit: the paper's token rule lifted to blocks)."""
+    speculated attention mass in the block), ``max`` (the largest
+    speculated logit: the paper's token rule lifted to blocks) or
+    ``max_first`` (``max`` on the first sparse layer, where it takes its
+    whole budget without the ``alpha`` threshold, and ``log_mass`` on the
+    others: a block's peak decides where one token stands out, its mass
+    where the context is read as a whole; ``docs/method.md``)."""
 
     head_reduction: str = "mean"
     """How the KV heads' block scores become one per block, one of

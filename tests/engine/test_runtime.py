@@ -30,7 +30,11 @@ from vllm_infinigen.engine.runtime import (
 from vllm_infinigen.method.partial_cache import partial_key_bytes
 from vllm_infinigen.method.quant4 import PACKED_DTYPE, packed_width, unpack_int4
 from vllm_infinigen.method.recall import attention_block_mass
-from vllm_infinigen.method.scoring import block_scores, residual_block_bias
+from vllm_infinigen.method.scoring import (
+    BlockScoreRule,
+    block_scores,
+    residual_block_bias,
+)
 from vllm_infinigen.method.selection import PAD, select_blocks
 
 NUM_BLOCKS = 96
@@ -370,6 +374,37 @@ def test_selection_policy_threshold_only_for_infinigen() -> None:
         policy = policy_class(name)(PolicyContext(block_size=BLOCK))
         alpha = selection_policy(config, policy).alpha
         assert alpha == (5.0 if name == "infinigen" else float("inf")), name
+
+
+def test_max_first_scores_the_first_sparse_layer_by_its_peak() -> None:
+    """``score_rule: max_first``: layer 1 (the first sparse layer) chooses by
+    the largest logit over its whole budget, layer 2 by mass under alpha."""
+    world = World([61, 100, 7], budget=0.3, min_blocks=2, score_rule="max_first")
+    runtime = world.runtime
+    first, second = (
+        runtime.selection_of(world.layer(1)),
+        runtime.selection_of(world.layer(2)),
+    )
+    assert first.score_rule is BlockScoreRule.MAX and first.alpha == float("inf")
+    assert second.score_rule is BlockScoreRule.LOG_MASS and second.alpha == 8.0
+    table = world.table[:, :25]
+    for index, selection in ((1, first), (2, second)):
+        world.prepare(index)
+        read = runtime.take(world.layer(index))
+        assert read is not None
+        scores = runtime.policy.scores_ahead(
+            world.layer(index), world.x, table, world.seq_lens, selection
+        )
+        chosen = select_blocks(scores, world.seq_lens, BLOCK, selection)
+        want = plan_in_place(chosen, table, world.seq_lens, BLOCK)
+        assert torch.equal(read.plan.host_ids, want.host_ids), index
+    # Layer 1's peak scores are not its mass scores: the rule reached the scorer.
+    layer = world.layer(1)
+    peak = runtime.policy.scores_ahead(layer, world.x, table, world.seq_lens, first)
+    mass = runtime.policy.scores_ahead(layer, world.x, table, world.seq_lens, second)
+    assert not torch.allclose(peak, mass)
+    runtime.reconfigure({"score_rule": "log_mass"})
+    assert runtime.selection_of(world.layer(1)) == runtime.selection
 
 
 def test_h2o_prefill_observation_counts_rows_once() -> None:
