@@ -40,8 +40,8 @@ GOOD: list[tuple[str, Any]] = [
     ("swap_mode", "sync"),
     ("swap_mode", "in_place"),
     ("score_rule", "max"),
-    ("score_rule", "max_first"),
-    ("score_rule", "log_mass"),
+    ("score_rule", "auto"),
+    ("partial_ratio", None),
     ("head_reduction", "per_head"),
     ("head_reduction", "max"),
     ("query_source", "real"),
@@ -150,6 +150,27 @@ def test_frozen_and_exactness() -> None:
     assert InfiniGenConfig(budget=1.0).is_exact
     assert not InfiniGenConfig(budget=1.0, max_blocks=4).is_exact
     assert not InfiniGenConfig(budget=0.5).is_exact
+
+
+def test_partial_ratio_and_score_rule_chosen_per_model() -> None:
+    """Unset, whole keys for few sparse layers (Gemma 3 270M: 3 of 18) and
+    30% of the channels otherwise (Qwen2.5-Coder-0.5B: 23 of 24); ``auto``
+    scores whole keys at 16/32 bits by their peak, anything else by mass."""
+    config = InfiniGenConfig()
+    assert config.partial_ratio is None and config.score_rule == "auto"
+    hybrid, full = config.for_model(3, 18), config.for_model(23, 24)
+    assert hybrid.partial_ratio == 1.0 and hybrid.block_score_rule == "max"
+    assert full.partial_ratio == 0.3 and full.block_score_rule == "log_mass"
+    assert config.for_model(6, 24).partial_ratio == 1.0  # a quarter: whole
+    assert config.for_model(7, 24).partial_ratio == 0.3
+    assert InfiniGenConfig(partial_ratio=0.5).for_model(3, 18).partial_ratio == 0.5
+    four_bit = InfiniGenConfig(partial_dtype="int4").for_model(3, 18)
+    assert four_bit.partial_ratio == 1.0 and four_bit.block_score_rule == "log_mass"
+    chosen = InfiniGenConfig(score_rule="log_mass").for_model(3, 18)
+    assert chosen.block_score_rule == "log_mass"
+    assert full.changed({"score_rule": "max"}).block_score_rule == "max"
+    with pytest.raises(ValueError, match="'partial_ratio' is fixed at start-up"):
+        hybrid.changed({"partial_ratio": 0.3})
 
 
 def test_check_model_layer_range() -> None:

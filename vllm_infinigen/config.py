@@ -12,6 +12,7 @@ its allowed range. This module imports neither vLLM nor torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -30,8 +31,15 @@ SWAP_MODES: tuple[str, ...] = ("in_place", "sync", "thread")
 
 #: How InfiniGen turns the speculated logits of the query heads sharing a KV
 #: head into one block score (``method/scoring.py``'s ``BlockScoreRule``);
-#: ``max_first``: ``max`` on the first sparse layer, ``log_mass`` on the rest.
-SCORE_RULES: tuple[str, ...] = ("log_mass", "max", "max_first")
+#: ``auto`` picks one from the keys that are scored.
+SCORE_RULES: tuple[str, ...] = ("auto", "log_mass", "max")
+
+#: With ``partial_ratio`` unset, models whose sparse layers are at most this
+#: share of their attention layers score whole keys (hybrid models such as
+#: Gemma 3, whose few global layers are the sparse ones); the others keep
+#: :data:`DEFAULT_PARTIAL_RATIO` of each head's channels.
+WHOLE_KEYS_MAX_SPARSE_SHARE = 0.25
+DEFAULT_PARTIAL_RATIO = 0.3
 
 #: How the KV heads' block scores become one per block, since every KV head
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
@@ -97,16 +105,26 @@ class InfiniGenConfig:
     smaller of this and ``budget`` wins. None: no cap besides ``budget``."""
 
     alpha: float = 8.0
-    """Speculation threshold in nats of speculated block log-mass: blocks
-    within ``alpha`` of the request's best block are candidates, > 0. At 8
+    """Speculation threshold in nats of speculated block log-mass (the
+    ``log_mass`` rule only): blocks within ``alpha`` of the request's best
+    block are candidates, > 0. At 8
     it never removes a block a 20-30% budget keeps on the test model, and
     prunes blocks under e^-8 of the best block's mass when attention is
     peaky (docs/method.md)."""
 
-    partial_ratio: float = 0.3
+    partial_ratio: float | None = None
     """Fraction of each head's channels kept in the device partial-key cache
-    and used by speculation, in (0, 1]. 0.3 over 0.2: +0.02 mean and +0.16
-    worst-layer recall for 50% more partial-key memory (docs/method.md)."""
+    and used by speculation, in (0, 1]. None: chosen per model at start-up,
+    1.0 (whole keys) when the sparse layers are at most a quarter of the
+    attention layers (hybrid models: Gemma 3 270M, 3 of 18), else 0.3
+    (Qwen2.5-Coder-0.5B, 23 of 24). Few sparse layers carry every long-range
+    read, and scoring their whole keys is a small part of a step: on Gemma
+    it meets the accuracy targets that 30% of the channels miss. With every
+    layer sparse, whole keys cost about 2.7 times the scoring of 30%
+    (``benchmarks/speculation_cost.py``), which the speed targets cannot
+    afford, and 30% already meets them there (``docs/method.md``, "Whole
+    keys and the peak rule"). 0.3 over 0.2: +0.02 mean and +0.16 worst-layer
+    recall for 50% more partial-key memory. Fixed at start-up."""
 
     sink_blocks: int = 1
     """Leading blocks of every request always fetched (attention sinks), >= 0."""
@@ -155,15 +173,17 @@ class InfiniGenConfig:
     previous layer's compute). The staging modes are the GPU's shape, where
     the kernel cannot read host memory."""
 
-    score_rule: str = "log_mass"
+    score_rule: str = "auto"
     """How InfiniGen scores a block from the query heads that share a KV
     head, one of :data:`SCORE_RULES`: ``log_mass`` (the log of their mean
     speculated attention mass in the block), ``max`` (the largest
-    speculated logit: the paper's token rule lifted to blocks) or
-    ``max_first`` (``max`` on the first sparse layer, where it takes its
-    whole budget without the ``alpha`` threshold, and ``log_mass`` on the
-    others: a block's peak decides where one token stands out, its mass
-    where the context is read as a whole; ``docs/method.md``)."""
+    speculated logit: the paper's token rule lifted to blocks; ``alpha``
+    does not apply) or ``auto``: ``max`` when whole keys are scored
+    (``partial_ratio`` 1.0) at 16 or 32 bits, else ``log_mass``. A block's
+    peak is one token's logit: with exact keys it ranks best on both test
+    models and keeps a pass key's block, with estimated keys its error on
+    that token moves the block, where mass averages the error out
+    (``docs/method.md``)."""
 
     head_reduction: str = "mean"
     """How the KV heads' block scores become one per block, one of
@@ -240,9 +260,10 @@ class InfiniGenConfig:
                 f"got {self.max_blocks!r}"
             )
         _check_range("alpha", self.alpha, low=0.0, low_open=True, high=math.inf)
-        _check_range(
-            "partial_ratio", self.partial_ratio, low=0.0, low_open=True, high=1.0
-        )
+        if self.partial_ratio is not None:
+            _check_range(
+                "partial_ratio", self.partial_ratio, low=0.0, low_open=True, high=1.0
+            )
         _check_int("sink_blocks", self.sink_blocks, minimum=0)
         _check_int("recent_blocks", self.recent_blocks, minimum=1)
         _check_int("min_blocks", self.min_blocks, minimum=0)
@@ -354,6 +375,27 @@ class InfiniGenConfig:
                 f"infinigen option 'dense_layers' has {bad}, but the model has "
                 f"{num_layers} layers (allowed: 0..{num_layers - 1})"
             )
+
+    def for_model(self, sparse_layers: int, attention_layers: int) -> InfiniGenConfig:
+        """This configuration with ``partial_ratio`` chosen for a model with
+        ``sparse_layers`` of its ``attention_layers`` sparse, when unset."""
+        if self.partial_ratio is not None:
+            return self
+        few = sparse_layers <= WHOLE_KEYS_MAX_SPARSE_SHARE * attention_layers
+        ratio = 1.0 if few else DEFAULT_PARTIAL_RATIO
+        return dataclasses.replace(self, partial_ratio=ratio)
+
+    @property
+    def whole_keys(self) -> bool:
+        """Speculation scores every key channel at 16 or 32 bits."""
+        return self.partial_ratio == 1.0 and self.partial_dtype != "int4"
+
+    @property
+    def block_score_rule(self) -> str:
+        """``score_rule`` with ``auto`` resolved (``max`` or ``log_mass``)."""
+        if self.score_rule != "auto":
+            return self.score_rule
+        return "max" if self.whole_keys else "log_mass"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

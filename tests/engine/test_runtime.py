@@ -374,37 +374,14 @@ def test_selection_policy_threshold_only_for_infinigen() -> None:
         policy = policy_class(name)(PolicyContext(block_size=BLOCK))
         alpha = selection_policy(config, policy).alpha
         assert alpha == (5.0 if name == "infinigen" else float("inf")), name
-
-
-def test_max_first_scores_the_first_sparse_layer_by_its_peak() -> None:
-    """``score_rule: max_first``: layer 1 (the first sparse layer) chooses by
-    the largest logit over its whole budget, layer 2 by mass under alpha."""
-    world = World([61, 100, 7], budget=0.3, min_blocks=2, score_rule="max_first")
-    runtime = world.runtime
-    first, second = (
-        runtime.selection_of(world.layer(1)),
-        runtime.selection_of(world.layer(2)),
-    )
-    assert first.score_rule is BlockScoreRule.MAX and first.alpha == float("inf")
-    assert second.score_rule is BlockScoreRule.LOG_MASS and second.alpha == 8.0
-    table = world.table[:, :25]
-    for index, selection in ((1, first), (2, second)):
-        world.prepare(index)
-        read = runtime.take(world.layer(index))
-        assert read is not None
-        scores = runtime.policy.scores_ahead(
-            world.layer(index), world.x, table, world.seq_lens, selection
-        )
-        chosen = select_blocks(scores, world.seq_lens, BLOCK, selection)
-        want = plan_in_place(chosen, table, world.seq_lens, BLOCK)
-        assert torch.equal(read.plan.host_ids, want.host_ids), index
-    # Layer 1's peak scores are not its mass scores: the rule reached the scorer.
-    layer = world.layer(1)
-    peak = runtime.policy.scores_ahead(layer, world.x, table, world.seq_lens, first)
-    mass = runtime.policy.scores_ahead(layer, world.x, table, world.seq_lens, second)
-    assert not torch.allclose(peak, mass)
-    runtime.reconfigure({"score_rule": "log_mass"})
-    assert runtime.selection_of(world.layer(1)) == runtime.selection
+    # alpha is a margin of mass: the peak rule takes its top-k whole.
+    infinigen = policy_class("infinigen")(PolicyContext(block_size=BLOCK))
+    for options in ({"score_rule": "max"}, {"partial_ratio": 1.0}):
+        peak = selection_policy(InfiniGenConfig(alpha=5.0, **options), infinigen)
+        assert peak.score_rule is BlockScoreRule.MAX, options
+        assert peak.alpha == float("inf"), options
+    mass = selection_policy(InfiniGenConfig(partial_ratio=0.3), infinigen)
+    assert mass.score_rule is BlockScoreRule.LOG_MASS and mass.alpha == 8.0
 
 
 def test_h2o_prefill_observation_counts_rows_once() -> None:

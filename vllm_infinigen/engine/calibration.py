@@ -47,6 +47,11 @@ def calibrate_model(
             f"INFINIGEN calibration needs a local model folder; {model_path!r} "
             "is not a directory"
         )
+    if config.partial_ratio is None:
+        raise ValueError(
+            "INFINIGEN calibration needs 'partial_ratio' chosen for the model "
+            "(InfiniGenConfig.for_model)"
+        )
     text = load_calibration_text(config.calibration_file)
     cache = CalibrationCache()
     cache.directory.mkdir(parents=True, exist_ok=True)

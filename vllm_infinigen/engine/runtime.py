@@ -30,7 +30,6 @@ the layer's own query chooses at attention
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -96,8 +95,11 @@ def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionP
     """The block-selection parameters of a configuration and policy: a policy
     that uses ``alpha`` keeps its threshold, the others take pure top-k, so
     every policy reads the same number of blocks per request at one budget."""
-    threshold = policy.uses_alpha and not config.is_exact
-    rule = "log_mass" if config.score_rule == "max_first" else config.score_rule
+    rule = BlockScoreRule(config.block_score_rule)
+    # alpha is a margin of mass: the max rule takes its top-k whole.
+    threshold = (
+        policy.uses_alpha and not config.is_exact and rule is BlockScoreRule.LOG_MASS
+    )
     return SelectionPolicy(
         alpha=config.alpha if threshold else float("inf"),
         budget_fraction=config.budget,
@@ -106,21 +108,8 @@ def selection_policy(config: InfiniGenConfig, policy: BlockPolicy) -> SelectionP
         recent_blocks=config.recent_blocks,
         min_blocks=config.min_blocks,
         head_reduction=HeadReduction(config.head_reduction),
-        score_rule=BlockScoreRule(rule),
+        score_rule=rule,
         residual=config.residual_means,
-    )
-
-
-def first_layer_selection(
-    config: InfiniGenConfig, selection: SelectionPolicy
-) -> SelectionPolicy:
-    """The first sparse layer's selection parameters: ``max_first`` scores
-    it by the peak logit over its whole budget (``alpha`` is a threshold on
-    mass, not on a peak); other rules use the same parameters everywhere."""
-    if config.score_rule != "max_first":
-        return selection
-    return dataclasses.replace(
-        selection, score_rule=BlockScoreRule.MAX, alpha=float("inf")
     )
 
 
@@ -160,7 +149,6 @@ class InfiniGenRuntime:
         self.track([config.policy])
         self.policy = self.policies[config.policy]
         self.selection = selection_policy(config, self.policy)
-        self.first_selection = first_layer_selection(config, self.selection)
         self.steps = StepStats()
         """Per-step counters and histograms (metrics)."""
         self._layers = list(self.sparse.values())
@@ -353,9 +341,7 @@ class InfiniGenRuntime:
             return  # chosen at attention, from the layer's own query
         else:
             assert x is not None
-            scores = self.policy.scores_ahead(
-                layer, x, table, seq_lens, self.selection_of(layer)
-            )
+            scores = self.policy.scores_ahead(layer, x, table, seq_lens, self.selection)
             selection = self._select(layer, scores, seq_lens)
         self._prepare(layer, selection, table, seq_lens, extra_slots, start)
 
@@ -393,23 +379,16 @@ class InfiniGenRuntime:
         width = blocks_for(max_seq_len, self.block_size)
         table = block_table[:, :width]
         scores = self.policy.scores_at_attention(
-            layer, query, table, seq_lens, self.selection_of(layer)
+            layer, query, table, seq_lens, self.selection
         )
         selection = self._select(layer, scores, seq_lens)
         self._prepare(layer, selection, table, seq_lens, extra_slots, start)
         return self.take(layer)
 
-    def selection_of(self, layer: SparseLayer) -> SelectionPolicy:
-        """Layer ``layer``'s selection parameters (``score_rule: max_first``
-        gives the first sparse layer its own)."""
-        return self.first_selection if layer is self._first else self.selection
-
     def _select(
         self, layer: SparseLayer, scores: torch.Tensor, seq_lens: torch.Tensor
     ) -> BlockSelection:
-        return select_blocks(
-            scores, seq_lens, self.block_size, self.selection_of(layer)
-        )
+        return select_blocks(scores, seq_lens, self.block_size, self.selection)
 
     def _prepare(
         self,
@@ -505,7 +484,6 @@ class InfiniGenRuntime:
         self.config = config
         self.policy = self.policies[config.policy]
         self.selection = selection_policy(config, self.policy)
-        self.first_selection = first_layer_selection(config, self.selection)
         for policy in self.policies.values():
             policy.start_run()
         return config.to_dict()

@@ -223,6 +223,13 @@ def install_runtime(
     sparse = sorted(i for i, info in infos.items() if info.sparse)
     dense = {i: info.reason for i, info in sorted(infos.items()) if not info.sparse}
     logger.info("INFINIGEN sparse layers %s; dense layers %s", sparse, dense)
+    config = config.for_model(len(sparse), len(infos))
+    logger.info(
+        "INFINIGEN scores %s keys (partial_ratio %s) by %s",
+        "whole" if config.partial_ratio == 1.0 else "partial",
+        config.partial_ratio,
+        config.block_score_rule,
+    )
     speculators = calibrate_model(vllm_config.model_config.model, config, sparse)
     speculators = _rank_speculators(speculators, attention_layers, infos)
     runtime = make_runtime(config, infos, speculators)
