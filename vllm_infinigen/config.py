@@ -37,9 +37,9 @@ SCORE_RULES: tuple[str, ...] = ("auto", "log_mass", "max")
 #: With ``partial_ratio`` unset, models whose sparse layers are at most this
 #: share of their attention layers score whole keys (hybrid models such as
 #: Gemma 3, whose few global layers are the sparse ones); the others keep
-#: :data:`DEFAULT_PARTIAL_RATIO` of each head's channels.
+#: the method's default share of each head's channels
+#: (``method/calibration.py``'s ``CalibrationOptions``).
 WHOLE_KEYS_MAX_SPARSE_SHARE = 0.25
-DEFAULT_PARTIAL_RATIO = 0.3
 
 #: How the KV heads' block scores become one per block, since every KV head
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
@@ -381,8 +381,10 @@ class InfiniGenConfig:
         ``sparse_layers`` of its ``attention_layers`` sparse, when unset."""
         if self.partial_ratio is not None:
             return self
+        from vllm_infinigen.method.calibration import CalibrationOptions
+
         few = sparse_layers <= WHOLE_KEYS_MAX_SPARSE_SHARE * attention_layers
-        ratio = 1.0 if few else DEFAULT_PARTIAL_RATIO
+        ratio = 1.0 if few else CalibrationOptions().partial_ratio
         return dataclasses.replace(self, partial_ratio=ratio)
 
     @property
