@@ -37,9 +37,14 @@ SCORE_RULES: tuple[str, ...] = ("auto", "log_mass", "max")
 #: With ``partial_ratio`` unset, models whose sparse layers are at most this
 #: share of their attention layers score whole keys (hybrid models such as
 #: Gemma 3, whose few global layers are the sparse ones); the others keep
-#: the method's default share of each head's channels
-#: (``method/calibration.py``'s ``CalibrationOptions``).
+#: :data:`PARTIAL_RATIO` of each head's channels.
 WHOLE_KEYS_MAX_SPARSE_SHARE = 0.25
+
+#: The share of each head's channels in the partial keys when not every
+#: channel is kept (also ``method/calibration.py``'s default): 20 of 64 on
+#: Qwen2.5-0.5B, +2 points mean recall and +16 on the worst layer over 0.2
+#: (docs/method.md, recall.json).
+PARTIAL_RATIO = 0.3
 
 #: How the KV heads' block scores become one per block, since every KV head
 #: reads the same blocks (``method/selection.py``'s ``HeadReduction``).
@@ -381,10 +386,8 @@ class InfiniGenConfig:
         ``sparse_layers`` of its ``attention_layers`` sparse, when unset."""
         if self.partial_ratio is not None:
             return self
-        from vllm_infinigen.method.calibration import CalibrationOptions
-
         few = sparse_layers <= WHOLE_KEYS_MAX_SPARSE_SHARE * attention_layers
-        ratio = 1.0 if few else CalibrationOptions().partial_ratio
+        ratio = 1.0 if few else PARTIAL_RATIO
         return dataclasses.replace(self, partial_ratio=ratio)
 
     @property

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from vllm_infinigen.config import PARTIAL_RATIO
+
 from .calibration_cache import CalibrationCache, calibration_key, tensor_digest
 from .rotary import HeadNormFn, RotaryFn
 from .skew import ChannelCriterion, LayerSkew, fit_layer_skew, partial_dim
@@ -38,9 +40,7 @@ class CalibrationOptions:
         max_tokens: calibration tokens used (the text is truncated).
     """
 
-    # 0.3 (20 of 64 channels on Qwen2.5-0.5B): +2 points mean recall and +16
-    # points on the worst layer over 0.2 (docs/method.md, recall.json).
-    partial_ratio: float = 0.3
+    partial_ratio: float = PARTIAL_RATIO
     criterion: ChannelCriterion = ChannelCriterion.QUERY
     skew: bool = True
     max_tokens: int = 2048
