@@ -87,7 +87,6 @@ import random
 import re
 import statistics
 import sys
-import sysconfig
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -97,6 +96,7 @@ from typing import Any
 from vllm_infinigen.engine.policies.registry import POLICIES as REGISTERED
 from vllm_infinigen.engine.policies.registry import policy_class
 from vllm_infinigen.method.agreement import prefix_agreement
+from vllm_infinigen.method.calibration_text import stdlib_dir
 from vllm_infinigen.patches.platform_config import DEFAULT_CPU_BLOCK_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,10 +254,6 @@ class Document:
     source: str
     ids: list[int]
     """Starts with the encoder's lead."""
-
-
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def reference_prose() -> str:

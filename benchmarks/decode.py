@@ -36,16 +36,13 @@ RESULTS = REPO / "benchmarks" / "results"
 def long_prompt(tokens_wanted: int, seed: int) -> str:
     """Python standard-library source text (read in place), about
     ``tokens_wanted`` tokens, different per ``seed``."""
-    import inspect
-    import sysconfig
+    from vllm_infinigen.method.calibration_text import stdlib_dir
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))
+    files = sorted(stdlib_dir().glob("*.py"))
     text, i = "", seed * 7
     while len(text) < tokens_wanted * 3.2:
         text += files[i % len(files)].read_text(encoding="utf-8", errors="replace")
         i += 1
-    del inspect
     return text
 
 

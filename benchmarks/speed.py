@@ -88,9 +88,9 @@ SHORT_CONTEXT = 128
 def prompt_ids(tokenizer: Any, tokens: int, seed: int) -> list[int]:
     """Exactly ``tokens`` token ids of Python standard-library source text;
     ``seed`` picks where in the (sorted) list of modules the text starts."""
-    import sysconfig
+    from vllm_infinigen.method.calibration_text import stdlib_dir
 
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    files = sorted(stdlib_dir().glob("*.py"))
     ids: list[int] = []
     index = seed * 11
     while len(ids) < tokens:
@@ -352,13 +352,40 @@ class Engine:
         return self.read(kind)
 
     def close(self) -> None:
+        """End the engine and every process below it. A held (stopped)
+        engine is continued first: stopped, it could neither quit nor act
+        on SIGTERM, and its EngineCore and worker would outlive the run
+        holding their memory."""
+        tree = {pid: _comm(pid) for pid in _descendants(self.proc.pid)}
         if self.proc.poll() is None:
+            self.hold(False)
             try:
                 self.order(cmd="quit")
                 self.proc.wait(timeout=120)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
+                self.proc.wait()
+        deadline = time.monotonic() + 15  # room for a clean shutdown
+        while time.monotonic() < deadline and any(
+            comm and _comm(pid) == comm for pid, comm in tree.items()
+        ):
+            time.sleep(0.5)
+        for pid, comm in tree.items():
+            if comm and _comm(pid) == comm:  # still that process, not a reused pid
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.kill(pid, sig)
+                    except OSError:
+                        break
         self.log.close()
+
+
+def _comm(pid: int) -> str | None:
+    """A process's name, or None once it has gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
 
 
 def _descendants(pid: int) -> list[int]:
@@ -770,6 +797,10 @@ def estimate_s(
     return total
 
 
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -818,6 +849,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # SIGTERM ends the run through the engines' ``close`` (``finally``), so
+    # that no stopped engine outlives it.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if args.model is None:
         from vllm_infinigen.models import DEFAULT_MODEL, build_model
 
