@@ -306,10 +306,9 @@ class Engine:
         waits while this one decodes. Returns the pinned pids."""
         pinned = []
         for pid in _descendants(self.proc.pid):
+            if not (_comm(pid) or "").startswith("VLLM::EngineCor"):
+                continue
             try:
-                name = Path(f"/proc/{pid}/comm").read_text().strip()
-                if not name.startswith("VLLM::EngineCor"):
-                    continue
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     os.sched_setaffinity(int(task.name), {core})
                 pinned.append(pid)
