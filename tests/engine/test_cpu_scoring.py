@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_infinigen.engine.cpu_scoring import load_block_scorer
-from vllm_infinigen.method.quant4 import pack_int4, unpack_int4
+from vllm_infinigen.method.quant4 import pack_int4, quantize_query, unpack_int4
 from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
 
 
@@ -18,9 +18,15 @@ def scorer():  # type: ignore[no-untyped-def]
     return fused
 
 
-def _case(seed: int, block_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _case(
+    seed: int,
+    block_size: int,
+    dtype: torch.dtype,
+    kv: int = 2,
+    group: int = 7,
+    p: int = 20,
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    kv, group, p = 2, 7, 20
     num_reqs = int(torch.randint(1, 6, (1,), generator=gen))
     seq_lens = torch.randint(1, 40 * block_size, (num_reqs,), generator=gen)
     width = int((seq_lens.max() + block_size - 1) // block_size) + 2  # ragged + pad
@@ -64,6 +70,35 @@ def test_fused_block_bias_matches_reference(
     assert not torch.allclose(plain[torch.isfinite(plain)], got[torch.isfinite(got)])
 
 
+@pytest.mark.parametrize("rule", list(BlockScoreRule))
+@pytest.mark.parametrize(
+    ("kv", "group", "p", "dtype"),
+    [
+        (1, 4, 256, torch.bfloat16),  # Gemma 3 270M's shape: lanes left unused
+        (4, 8, 64, torch.float16),  # one full vector of heads per KV head
+        (2, 12, 33, torch.float32),  # more heads than lanes: two passes
+        (3, 1, 5, torch.bfloat16),
+    ],
+)
+def test_other_group_shapes_match_reference(
+    scorer, rule: BlockScoreRule, kv: int, group: int, p: int, dtype: torch.dtype
+) -> None:  # type: ignore[no-untyped-def]
+    """The op scores the heads of a KV group a vector's lanes at a time:
+    groups smaller and larger than a vector, and every key type, score as
+    the reference does."""
+    query, cache, table, seq_lens = _case(kv * group + p, 32, dtype, kv, group, p)
+    want = block_scores(query, cache.float(), table, seq_lens, 0.125, rule)
+    got = scorer(query, cache, table, seq_lens, 0.125, rule)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_too_many_channels_are_refused(scorer) -> None:  # type: ignore[no-untyped-def]
+    query, cache, table, seq_lens = _case(3, 32, torch.float32, 1, 2, 520)
+    with pytest.raises(RuntimeError, match="at most 512 partial channels, got 520"):
+        scorer(query, cache, table, seq_lens, 0.125)
+
+
 def test_half_precision_partial_keys(scorer) -> None:  # type: ignore[no-untyped-def]
     query, cache, table, seq_lens = _case(7, 32, torch.bfloat16)
     want = block_scores(query, cache.float(), table, seq_lens, 0.125)
@@ -89,13 +124,23 @@ def test_4_bit_partial_keys_match_reference(
         bias = torch.randn(*query.shape[:2], table.shape[1], generator=gen) * 4
     want = block_scores(query, packed, table, seq_lens, 0.125, rule, block_bias=bias)
     dequantized = unpack_int4(packed, d_partial)
+    codes, q_scale = quantize_query(query * 0.125)
     again = block_scores(
-        query, dequantized, table, seq_lens, 0.125, rule, block_bias=bias
+        codes.float() * q_scale, dequantized, table, seq_lens, 1.0, rule, block_bias=bias
     )
     got = scorer(query, packed, table, seq_lens, 0.125, rule, block_bias=bias)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, again, rtol=1e-4, atol=1e-4)
+    # The query at 8 bits moves a score by far less than the keys' 4 bits do.
+    exact = block_scores(query, cache, table, seq_lens, 0.125, rule, block_bias=bias)
+    full_query = block_scores(
+        query, dequantized, table, seq_lens, 0.125, rule, block_bias=bias
+    )
+    finite = torch.isfinite(exact)
+    query_error = (got - full_query)[finite].abs().max()
+    key_error = (full_query - exact)[finite].abs().max()
+    assert 0 < query_error < key_error / 4
 
 
 def test_4_bit_rows_of_another_width_are_refused(scorer) -> None:  # type: ignore[no-untyped-def]

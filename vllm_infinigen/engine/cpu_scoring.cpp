@@ -4,7 +4,8 @@
 // materialising the [requests, heads, tokens] logits: for every request it
 // walks the request's blocks once (fetching the next block ahead, since a
 // block table is scattered), forms the logits of every query head for the
-// block's tokens in a small buffer, and keeps per block and head the block's
+// block's tokens in a small buffer (the heads of a KV group across a
+// vector's lanes, a run of tokens at a time), and keeps per block and head the block's
 // maximum logit and its sum of exp(logit - maximum). A second, block-sized
 // pass turns those into the log of the block's softmax mass averaged over the
 // group's query heads (rule 1, LOG_MASS), or takes the block's largest
@@ -29,7 +30,18 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+// Packed 4-bit keys are scored with integer dot products (four byte
+// products summed into each 32-bit lane per instruction) where the CPU has
+// them; elsewhere they are decoded to floats like the other key types.
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#include <immintrin.h>
+#define INFINIGEN_INTEGER_DOTS 1
+#else
+#define INFINIGEN_INTEGER_DOTS 0
+#endif
 
 namespace {
 
@@ -57,93 +69,221 @@ inline float exp_nonpositive(float x) {
 
 constexpr int64_t kTile = 32;  // tokens per tile; vLLM's CPU blocks are multiples
 constexpr int64_t kAhead = 2;  // blocks fetched ahead of the one being scored
+constexpr int64_t kLanes = 8;  // query heads scored together, one per vector lane
+// Tokens whose logits are formed together, each in its own accumulator: as
+// many as the vector registers hold beside the query's (32 with AVX-512, 16
+// without).
+#if defined(__AVX512VL__)
+constexpr int64_t kRun = 16;
+#else
+constexpr int64_t kRun = 12;
+#endif
+// Floats from one decoded key row of a run to the next: a constant, so that
+// every row of the run is reached from one pointer (a run-time stride left
+// the compiler short of registers for the row addresses), a little past
+// kMaxChannels so that the rows do not share cache sets.
+constexpr int64_t kMaxChannels = 512;
+constexpr int64_t kRowStride = kMaxChannels + 16;
 
-// Logits of the group's G query heads for one tile of tokens:
-// l[h][t] = sum_c q[h][c] * k[c][t] (keys transposed, tokens innermost). The
-// two 16-float accumulators stay in registers across the channel loop.
+// The group's query heads lie across the lanes of one vector, and every key
+// channel multiplies all of them at once: a key row is read as it is stored
+// (channels innermost), and no tile is transposed. The run's tokens form
+// independent chains of multiply-adds, enough to keep the units busy.
+typedef float v8sf __attribute__((vector_size(32)));
 typedef float v16sf __attribute__((vector_size(64)));
+typedef float v4sf __attribute__((vector_size(16)));
 
-inline void tile_logits(const float* __restrict q, const float* __restrict k,
-                        float* __restrict l, int64_t G, int64_t P) {
-  static_assert(kTile == 32, "two 16-float accumulators per tile");
-  for (int64_t h = 0; h < G; ++h) {
-    v16sf a0 = {}, a1 = {};
-    for (int64_t c = 0; c < P; ++c) {
-      const float qc = q[h * P + c];
-      v16sf k0, k1;
-      __builtin_memcpy(&k0, k + c * kTile, sizeof(k0));
-      __builtin_memcpy(&k1, k + c * kTile + 16, sizeof(k1));
-      a0 += qc * k0;
-      a1 += qc * k1;
-    }
-    __builtin_memcpy(l + h * kTile, &a0, sizeof(a0));
-    __builtin_memcpy(l + h * kTile + 16, &a1, sizeof(a1));
-  }
+// The largest of a tile's kTile logits, in vector halves (the compiler
+// leaves a max reduction over floats scalar).
+inline float tile_max(const float* l) {
+  static_assert(kTile == 32, "two 16-float halves per tile");
+  v16sf a, b;
+  __builtin_memcpy(&a, l, sizeof(a));
+  __builtin_memcpy(&b, l + 16, sizeof(b));
+  a = a > b ? a : b;
+  v8sf c, d;
+  __builtin_memcpy(&c, &a, sizeof(c));
+  __builtin_memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof(c), sizeof(d));
+  c = c > d ? c : d;
+  v4sf e, f;
+  __builtin_memcpy(&e, &c, sizeof(e));
+  __builtin_memcpy(&f, reinterpret_cast<const char*>(&c) + sizeof(e), sizeof(f));
+  e = e > f ? e : f;
+  return std::max(std::max(e[0], e[1]), std::max(e[2], e[3]));
 }
 
-// How a tile's keys are read: [t][g][row] -> [g][c][t] floats (tokens
-// innermost), for count <= kTile tokens of a block starting at kt. A row is
-// one (token, KV head)'s partial key: width(P) elements of elem_t.
+// out[n][lane] = sum_c rows[n][c] * qt[c][lane] for the run's kRun tokens
+// (rows: kRun rows of P floats, kRowStride apart; qt: [P][kLanes]).
+inline void run_logits(const float* __restrict qt, const float* __restrict rows,
+                       float* __restrict out, int64_t P) {
+  v8sf acc[kRun] = {};
+  for (int64_t c = 0; c < P; ++c) {
+    v8sf qc;
+    __builtin_memcpy(&qc, qt + c * kLanes, sizeof(qc));
+    for (int64_t n = 0; n < kRun; ++n) acc[n] += rows[n * kRowStride + c] * qc;
+  }
+  __builtin_memcpy(out, acc, sizeof(acc));
+}
+
+// How a token's key row is read: width(P) elements of elem_t per (token, KV
+// head); decode() writes its P channels as floats in the order channel(i)
+// names and returns the factor of the row's logits.
 template <typename scalar_t>
 struct FloatKeys {
   using elem_t = scalar_t;
+  static constexpr bool kIntegerDots = false;
   static int64_t width(int64_t P) { return P; }
-  static void load(const elem_t* kt, float* keys, int64_t count, int64_t KV,
-                   int64_t P) {
-    // A partly filled last tile copies only its valid tokens.
-    if (count == kTile) {
-      for (int64_t gc = 0; gc < KV * P; ++gc) {
-        float* dst = keys + gc * kTile;
+  static int64_t channel(int64_t i, int64_t) { return i; }
+  static float decode(const elem_t* __restrict row, float* __restrict dst, int64_t P) {
 #pragma omp simd
-        for (int64_t t = 0; t < kTile; ++t)
-          dst[t] = static_cast<float>(kt[t * KV * P + gc]);
-      }
-    } else {
-      for (int64_t t = 0; t < count; ++t)
-        for (int64_t gc = 0; gc < KV * P; ++gc)
-          keys[gc * kTile + t] = static_cast<float>(kt[t * KV * P + gc]);
-    }
+    for (int64_t c = 0; c < P; ++c) dst[c] = static_cast<float>(row[c]);
+    return 1.0f;
   }
 };
 
+// bfloat16 by its bits (the upper half of a float), which the compiler
+// vectorises; c10::BFloat16's conversion it does not.
+template <>
+struct FloatKeys<c10::BFloat16> {
+  using elem_t = c10::BFloat16;
+  static constexpr bool kIntegerDots = false;
+  static int64_t width(int64_t P) { return P; }
+  static int64_t channel(int64_t i, int64_t) { return i; }
+  static float decode(const elem_t* __restrict row, float* __restrict dst, int64_t P) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+    for (int64_t c = 0; c < P; ++c) out[c] = static_cast<uint32_t>(bits[c]) << 16;
+    return 1.0f;
+  }
+};
+
+// Packed rows: the codes are decoded low nibbles first (channels 0, 2, 4,
+// ...), then high nibbles (1, 3, 5, ...), each a run over contiguous bytes;
+// the row's scale multiplies its logits instead of its P channels.
 struct Int4Keys {
   using elem_t = uint8_t;
+  static constexpr bool kIntegerDots = INFINIGEN_INTEGER_DOTS;
   static int64_t width(int64_t P) { return (P + 1) / 2 + 2; }
-  static void load(const elem_t* kt, float* keys, int64_t count, int64_t KV,
-                   int64_t P) {
-    const int64_t W = width(P), pairs = P / 2, scale_at = (P + 1) / 2;
-    const int64_t stride = KV * W;  // bytes from one token's row to the next
-    float scales[kTile];
-    for (int64_t g = 0; g < KV; ++g) {
-      const uint8_t* rows = kt + g * W;
-      for (int64_t t = 0; t < count; ++t) {
-        const uint8_t* s = rows + t * stride + scale_at;
-        const uint16_t bits = static_cast<uint16_t>(s[0] | (s[1] << 8));
-        scales[t] = static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-      }
-      float* dst = keys + g * P * kTile;
-      for (int64_t i = 0; i < pairs; ++i) {
-        float* lo = dst + 2 * i * kTile;
-        float* hi = lo + kTile;
+  static float scale(const elem_t* row, int64_t P) {
+    const uint8_t* s = row + (P + 1) / 2;
+    const uint16_t bits = static_cast<uint16_t>(s[0] | (s[1] << 8));
+    return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+  }
+  // The nibbles themselves (code + 8, in [1, 15]) as bytes, in decode()'s
+  // order; returns the row's scale.
+  static float nibbles(const elem_t* __restrict row, uint8_t* __restrict dst, int64_t P) {
+    const int64_t lows = (P + 1) / 2, highs = P / 2;
 #pragma omp simd
-        for (int64_t t = 0; t < count; ++t) {
-          const int b = rows[t * stride + i];
-          lo[t] = static_cast<float>((b & 15) - 8) * scales[t];
-          hi[t] = static_cast<float>((b >> 4) - 8) * scales[t];
-        }
-      }
-      if (P % 2) {  // the last channel: a low nibble alone
-        float* lo = dst + (P - 1) * kTile;
+    for (int64_t i = 0; i < lows; ++i) dst[i] = row[i] & 15;
 #pragma omp simd
-        for (int64_t t = 0; t < count; ++t)
-          lo[t] = static_cast<float>((rows[t * stride + pairs] & 15) - 8) * scales[t];
-      }
-    }
+    for (int64_t i = 0; i < highs; ++i) dst[lows + i] = row[i] >> 4;
+    return scale(row, P);
+  }
+  static int64_t channel(int64_t i, int64_t P) {
+    const int64_t lows = (P + 1) / 2;
+    return i < lows ? 2 * i : 2 * (i - lows) + 1;
+  }
+  static float decode(const elem_t* __restrict row, float* __restrict dst, int64_t P) {
+    const int64_t lows = (P + 1) / 2, highs = P / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < lows; ++i) dst[i] = static_cast<float>((row[i] & 15) - 8);
+#pragma omp simd
+    for (int64_t i = 0; i < highs; ++i)
+      dst[lows + i] = static_cast<float>((row[i] >> 4) - 8);
+    return scale(row, P);
   }
 };
 
+// Logits of the group's G query heads for one tile of count <= kTile tokens
+// of KV head g: l[h][t] (tokens innermost). kt: the tile's first token row;
+// qt: the request's query for this KV head, [chunks][P][kLanes] with the
+// channels in Keys' order and lanes past G zero.
 template <typename Keys>
-void score_requests(const float* query, const typename Keys::elem_t* cache,
+inline void tile_logits(const typename Keys::elem_t* kt, const float* qt, float* rows,
+                        float* run, float* l, int64_t count, int64_t KV, int64_t g,
+                        int64_t P, int64_t G) {
+  const int64_t W = Keys::width(P), stride = KV * W;
+  const int64_t chunks = (G + kLanes - 1) / kLanes;
+  float scales[kRun];
+  for (int64_t t0 = 0; t0 < count; t0 += kRun) {
+    const int64_t n = std::min<int64_t>(kRun, count - t0);
+    for (int64_t i = 0; i < n; ++i)
+      scales[i] = Keys::decode(kt + (t0 + i) * stride + g * W, rows + i * kRowStride, P);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      run_logits(qt + ch * P * kLanes, rows, run, P);
+      const int64_t heads = std::min<int64_t>(kLanes, G - ch * kLanes);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t lane = 0; lane < heads; ++lane)
+          l[(ch * kLanes + lane) * kTile + t0 + i] = run[i * kLanes + lane] * scales[i];
+    }
+  }
+}
+
+#if INFINIGEN_INTEGER_DOTS
+// Bytes from one token's nibble row to the next in a run (see kRowStride).
+constexpr int64_t kRowBytes = kMaxChannels + 64;
+
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+
+// out[n][lane] = sum_c rows[n][c] * q[lane][c] over groups * 4 channels, in
+// 32-bit integers: rows are a run's nibbles (unsigned bytes, kRowBytes
+// apart), qpack [groups][kLanes] holds four of a lane's signed 8-bit query
+// codes per 32-bit word. A row's four bytes are broadcast to every lane.
+inline void run_dots(const int32_t* __restrict qpack, const uint8_t* __restrict rows,
+                     int32_t* __restrict out, int64_t groups) {
+  __m256i acc[kRun];
+  for (int64_t n = 0; n < kRun; ++n) acc[n] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < groups; ++j) {
+    const __m256i qv =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qpack + j * kLanes));
+    for (int64_t n = 0; n < kRun; ++n) {
+      int32_t four;
+      __builtin_memcpy(&four, rows + n * kRowBytes + 4 * j, sizeof(four));
+      acc[n] = dot_u8s8(acc[n], _mm256_set1_epi32(four), qv);
+    }
+  }
+  for (int64_t n = 0; n < kRun; ++n)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n * kLanes), acc[n]);
+}
+
+// tile_logits for packed keys and the query at 8 bits: a logit is
+// (sum nibble * q_code - 8 * sum q_code) * q_scale * row scale, the sums
+// exact in integers. qpack, qoff (8 * sum q_code) and qscale: this KV
+// head's, per chunk of kLanes heads.
+inline void tile_logits_int4(const uint8_t* kt, const int32_t* qpack, const int32_t* qoff,
+                             const float* qscale, uint8_t* rows, int32_t* run, float* l,
+                             int64_t count, int64_t KV, int64_t g, int64_t P, int64_t G) {
+  const int64_t W = Int4Keys::width(P), stride = KV * W;
+  const int64_t chunks = (G + kLanes - 1) / kLanes, groups = (P + 3) / 4;
+  float scales[kRun];
+  for (int64_t t0 = 0; t0 < count; t0 += kRun) {
+    const int64_t n = std::min<int64_t>(kRun, count - t0);
+    for (int64_t i = 0; i < n; ++i)
+      scales[i] = Int4Keys::nibbles(kt + (t0 + i) * stride + g * W, rows + i * kRowBytes, P);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      run_dots(qpack + ch * groups * kLanes, rows, run, groups);
+      const int64_t heads = std::min<int64_t>(kLanes, G - ch * kLanes);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t lane = 0; lane < heads; ++lane) {
+          const int64_t at = ch * kLanes + lane;
+          l[at * kTile + t0 + i] = static_cast<float>(run[i * kLanes + lane] - qoff[at]) *
+                                   (qscale[at] * scales[i]);
+        }
+    }
+  }
+}
+#endif
+
+template <typename Keys>
+void score_requests(const float* query, const int8_t* qcodes, const float* qscales,
+                    const typename Keys::elem_t* cache,
                     const int32_t* table, const int32_t* lens, const float* bias, float* out,
                     int64_t begin, int64_t end,
                     int64_t M, int64_t B, int64_t KV, int64_t P, int64_t G,
@@ -155,8 +295,21 @@ void score_requests(const float* query, const typename Keys::elem_t* cache,
   const int64_t row = KV * Keys::width(P);  // elements per token
   const int64_t block_elems = B * row;
   const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(scalar_t));
-  std::vector<float> keys(KV * P * kTile);  // [KV][P][tile]: tokens innermost
-  std::vector<float> logits(G * kTile);     // [G][tile]
+  const int64_t chunks = (G + kLanes - 1) / kLanes;
+  std::vector<float> qt(KV * chunks * P * kLanes);  // [KV][chunk][P][lane]
+  std::vector<float> rows(kRun * kRowStride, 0.0f);  // a run's keys as floats
+  std::vector<float> run(kRun * kLanes);
+  std::vector<float> logits(G * kTile);             // [G][tile]
+#if INFINIGEN_INTEGER_DOTS
+  // The integer path's query (packed keys): [KV][chunk][group][lane] words
+  // of four codes, and per (KV, chunk, lane) 8 * sum of codes and scale.
+  const int64_t groups = (P + 3) / 4;
+  std::vector<int32_t> qpack(Keys::kIntegerDots ? KV * chunks * groups * kLanes : 0);
+  std::vector<int32_t> qoff(Keys::kIntegerDots ? KV * chunks * kLanes : 0);
+  std::vector<float> qscale(Keys::kIntegerDots ? KV * chunks * kLanes : 0);
+  std::vector<uint8_t> nibble_rows(Keys::kIntegerDots ? kRun * kRowBytes : 0, 8);
+  std::vector<int32_t> dots(Keys::kIntegerDots ? kRun * kLanes : 0);
+#endif
   std::vector<float> bmax(H * M);           // [KV][G][M]
   std::vector<float> bsum(H * M);
   std::vector<float> shifted(M);            // one head's block maxima + bias
@@ -166,6 +319,32 @@ void score_requests(const float* query, const typename Keys::elem_t* cache,
     const int64_t len = lens[r];
     const int64_t blocks = (len + B - 1) / B;
     const float* q = query + r * H * P;  // [KV][G][P]
+    if constexpr (Keys::kIntegerDots) {
+#if INFINIGEN_INTEGER_DOTS
+      std::fill(qpack.begin(), qpack.end(), 0);
+      int8_t* bytes = reinterpret_cast<int8_t*>(qpack.data());
+      for (int64_t g = 0; g < KV; ++g)
+        for (int64_t h = 0; h < G; ++h) {
+          const int64_t chunk = g * chunks + h / kLanes, lane = h % kLanes;
+          const int8_t* codes = qcodes + (r * H + g * G + h) * P;
+          int32_t sum = 0;
+          for (int64_t i = 0; i < P; ++i) {
+            const int8_t code = codes[Keys::channel(i, P)];
+            bytes[((chunk * groups + i / 4) * kLanes + lane) * 4 + i % 4] = code;
+            sum += code;
+          }
+          qoff[chunk * kLanes + lane] = 8 * sum;
+          qscale[chunk * kLanes + lane] = qscales[r * H + g * G + h];
+        }
+#endif
+    } else {
+      std::fill(qt.begin(), qt.end(), 0.0f);
+      for (int64_t g = 0; g < KV; ++g)
+        for (int64_t h = 0; h < G; ++h)
+          for (int64_t i = 0; i < P; ++i)
+            qt[((g * chunks + h / kLanes) * P + i) * kLanes + h % kLanes] =
+                q[(g * G + h) * P + Keys::channel(i, P)];
+    }
     for (int64_t j = 0; j < std::min<int64_t>(kAhead, blocks); ++j) {
       const char* first =
           reinterpret_cast<const char*>(cache + table[r * M + j] * block_elems);
@@ -183,16 +362,22 @@ void score_requests(const float* query, const typename Keys::elem_t* cache,
       const int64_t valid = std::min<int64_t>(B, len - j * B);
       for (int64_t start = 0; start < valid; start += kTile) {
         const int64_t count = std::min<int64_t>(kTile, valid - start);
-        // One pass over the tile's keys, every KV head: [t][g][c] -> [g][c][t].
-        Keys::load(k + start * row, keys.data(), count, KV, P);
         for (int64_t g = 0; g < KV; ++g) {
-          tile_logits(q + g * G * P, keys.data() + g * P * kTile, logits.data(), G, P);
+          if constexpr (Keys::kIntegerDots) {
+#if INFINIGEN_INTEGER_DOTS
+            const int64_t at = g * chunks * kLanes;
+            tile_logits_int4(k + start * row, qpack.data() + at * groups, qoff.data() + at,
+                             qscale.data() + at, nibble_rows.data(), dots.data(),
+                             logits.data(), count, KV, g, P, G);
+#endif
+          } else {
+            tile_logits<Keys>(k + start * row, qt.data() + g * chunks * P * kLanes,
+                              rows.data(), run.data(), logits.data(), count, KV, g, P, G);
+          }
           for (int64_t h = 0; h < G; ++h) {
             float* l = logits.data() + h * kTile;
             for (int64_t t = count; t < kTile; ++t) l[t] = neg_inf;  // past the end
-            float m = neg_inf;
-#pragma omp simd reduction(max : m)
-            for (int64_t t = 0; t < kTile; ++t) m = std::max(m, l[t]);
+            const float m = tile_max(l);
             float& bm = bmax[(g * G + h) * M + j];
             if (!log_mass) {
               bm = start == 0 ? m : std::max(bm, m);
@@ -271,7 +456,7 @@ void score_requests(const float* query, const typename Keys::elem_t* cache,
 
 torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
                            torch::Tensor table, torch::Tensor lens, torch::Tensor bias,
-                           int64_t rule) {
+                           int64_t rule, torch::Tensor qcodes, torch::Tensor qscales) {
   TORCH_CHECK(query.is_contiguous() && query.scalar_type() == torch::kFloat32 &&
                   query.dim() == 3,
               "query must be contiguous float32 [R, H, P]");
@@ -287,10 +472,16 @@ torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
   const int64_t W = packed ? Int4Keys::width(P) : P;
   TORCH_CHECK(cache.size(3) == W, "cache rows must be ", W, " elements for ", P,
               " channels", packed ? " packed at 4 bits" : "", ", got ", cache.size(3));
+  TORCH_CHECK(P <= kMaxChannels, "at most ", kMaxChannels, " partial channels, got ", P);
   const bool biased = bias.numel() > 0;
   TORCH_CHECK(!biased || (bias.is_contiguous() && bias.scalar_type() == torch::kFloat32 &&
                           bias.numel() == R * query.size(1) * M),
               "bias must be contiguous float32 [R, H, M] or empty");
+  TORCH_CHECK(!packed || (qcodes.is_contiguous() && qcodes.scalar_type() == torch::kInt8 &&
+                          qcodes.numel() == query.numel() && qscales.is_contiguous() &&
+                          qscales.scalar_type() == torch::kFloat32 &&
+                          qscales.numel() == query.size(0) * query.size(1)),
+              "packed keys need the query's int8 codes [R, H, P] and float32 scales [R, H]");
   auto out = torch::empty({R, KV, M}, query.options());
   const float* q = query.data_ptr<float>();
   const int32_t* t = table.data_ptr<int32_t>();
@@ -299,8 +490,10 @@ torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
   float* o = out.data_ptr<float>();
   if (packed) {
     const uint8_t* c = cache.data_ptr<uint8_t>();
+    const int8_t* qc = qcodes.data_ptr<int8_t>();
+    const float* qs = qscales.data_ptr<float>();
     at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-      score_requests<Int4Keys>(q, c, t, n, b, o, begin, end, M, B, KV, P, G, rule);
+      score_requests<Int4Keys>(q, qc, qs, c, t, n, b, o, begin, end, M, B, KV, P, G, rule);
     });
     return out;
   }
@@ -309,8 +502,8 @@ torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
       "infinigen_block_scores", [&] {
         const scalar_t* c = cache.data_ptr<scalar_t>();
         at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-          score_requests<FloatKeys<scalar_t>>(q, c, t, n, b, o, begin, end, M, B, KV,
-                                              P, G, rule);
+          score_requests<FloatKeys<scalar_t>>(q, nullptr, nullptr, c, t, n, b, o, begin,
+                                              end, M, B, KV, P, G, rule);
         });
       });
   return out;

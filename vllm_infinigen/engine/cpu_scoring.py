@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from vllm_infinigen.method.quant4 import PACKED_DTYPE, quantize_query
 from vllm_infinigen.method.scoring import BlockScoreRule
 
 SOURCE = Path(__file__).with_name("cpu_scoring.cpp")
@@ -37,8 +38,9 @@ _RULE_CODES = {
     BlockScoreRule.LOG_MASS: 1,
 }
 
-#: The C++ op's "no block bias" argument.
+#: The C++ op's "no block bias" and "no 8-bit query" arguments.
 _NO_BIAS = torch.empty(0)
+_NO_CODES = torch.empty(0, dtype=torch.int8)
 
 
 def _cpu_flags() -> str:
@@ -89,12 +91,18 @@ def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer |
     ) -> torch.Tensor:
         """Same contract as :func:`~vllm_infinigen.method.scoring.block_scores`
         (CPU tensors; partial keys in float32, bfloat16 or float16, or packed
-        at 4 bits, uint8, :mod:`~vllm_infinigen.method.quant4`: the op
-        decodes each tile of codes into the float tile it scores)."""
+        at 4 bits, uint8, :mod:`~vllm_infinigen.method.quant4`: scored by
+        the query at 8 bits, in integer dot products where the CPU has them,
+        else decoded to floats)."""
         num_reqs, max_blocks = block_table.shape
         if max_blocks == 0:
             return torch.full((num_reqs, partial_key_cache.shape[2], 0), float("-inf"))
         query = (query_partial.float() * scale).contiguous()
+        codes, scales = _NO_CODES, _NO_BIAS
+        if partial_key_cache.dtype == PACKED_DTYPE:  # as the torch path scores them
+            codes, q_scale = quantize_query(query)
+            query = (codes.float() * q_scale).contiguous()
+            codes, scales = codes.contiguous(), q_scale.squeeze(-1).contiguous()
         table = block_table.clamp(min=0).to(torch.int32).contiguous()
         lens = seq_lens.to(torch.int32).contiguous()
         result: torch.Tensor = module.block_scores(
@@ -104,6 +112,8 @@ def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer |
             lens,
             _NO_BIAS if block_bias is None else block_bias.float().contiguous(),
             _RULE_CODES[rule],
+            codes,
+            scales,
         )
         return result
 

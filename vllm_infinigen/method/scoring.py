@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .quant4 import PACKED_DTYPE, unpack_int4
+from .quant4 import PACKED_DTYPE, quantize_query, unpack_int4
 
 
 class BlockScoreRule(enum.Enum):
@@ -95,7 +95,8 @@ def block_scores(
         partial_key_cache: ``[num_blocks, block_size, num_kv_heads, d_partial]``
             one layer's partial keys, indexed by physical block id, or their
             4-bit packing (uint8 ``[..., packed_width(d_partial)]``,
-            :mod:`.quant4`: unpacked after the gather).
+            :mod:`.quant4`: unpacked after the gather, and scored by the
+            query at 8 bits, :func:`~.quant4.quantize_query`).
         block_table: ``[num_reqs, max_blocks]`` int physical block ids; entries
             past a request's last block are ignored (they must not exceed
             ``num_blocks - 1``; negative entries are read as block 0).
@@ -138,6 +139,9 @@ def block_scores(
     # One batched GEMM per KV head (its query heads against its channels),
     # tokens last so the reductions below read contiguous memory.
     q = query_partial.float().reshape(num_reqs, num_kv_heads, group, d_partial)
+    if keys.dtype == PACKED_DTYPE:  # 4-bit keys are scored by an 8-bit query
+        codes, q_scale = quantize_query(q * scale)
+        q, scale = codes.float() * q_scale, 1.0
     logits = space.get(
         "logits", (num_reqs, num_kv_heads, group, tokens), torch.float32, device
     )
