@@ -126,7 +126,13 @@ def test_4_bit_partial_keys_match_reference(
     dequantized = unpack_int4(packed, d_partial)
     codes, q_scale = quantize_query(query * 0.125)
     again = block_scores(
-        codes.float() * q_scale, dequantized, table, seq_lens, 1.0, rule, block_bias=bias
+        codes.float() * q_scale,
+        dequantized,
+        table,
+        seq_lens,
+        1.0,
+        rule,
+        block_bias=bias,
     )
     got = scorer(query, packed, table, seq_lens, 0.125, rule, block_bias=bias)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
