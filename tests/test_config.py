@@ -153,16 +153,23 @@ def test_frozen_and_exactness() -> None:
 
 
 def test_partial_ratio_and_score_rule_chosen_per_model() -> None:
-    """Unset, whole keys for few sparse layers (Gemma 3 270M: 3 of 18) and
-    30% of the channels otherwise (Qwen2.5-Coder-0.5B: 23 of 24); ``auto``
-    scores whole keys at 16/32 bits by their peak, anything else by mass."""
+    """Unset, whole keys at 16 bits for few sparse layers (Gemma 3 270M: 3
+    of 18) and at 4 bits otherwise (Qwen2.5-Coder-0.5B: 23 of 24), or 30% of
+    the channels where a float type is asked for; ``auto`` scores whole keys
+    at 16/32 bits by their peak, anything else by mass."""
     config = InfiniGenConfig()
     assert config.partial_ratio is None and config.score_rule == "auto"
     hybrid, full = config.for_model(3, 18), config.for_model(23, 24)
-    assert hybrid.partial_ratio == 1.0 and hybrid.block_score_rule == "max"
-    assert full.partial_ratio == 0.3 and full.block_score_rule == "log_mass"
-    assert config.for_model(6, 24).partial_ratio == 1.0  # a quarter: whole
-    assert config.for_model(7, 24).partial_ratio == 0.3
+    assert hybrid.partial_ratio == 1.0 and hybrid.partial_dtype == "auto"
+    assert hybrid.block_score_rule == "max"
+    assert full.partial_ratio == 1.0 and full.partial_dtype == "int4"
+    assert full.block_score_rule == "log_mass"
+    assert config.for_model(6, 24).partial_dtype == "auto"  # a quarter: 16 bits
+    assert config.for_model(7, 24).partial_dtype == "int4"
+    floats = InfiniGenConfig(partial_dtype="bfloat16").for_model(23, 24)
+    assert floats.partial_ratio == 0.3 and floats.partial_dtype == "bfloat16"
+    set_ratio = InfiniGenConfig(partial_ratio=0.3).for_model(23, 24)
+    assert set_ratio.partial_ratio == 0.3 and set_ratio.partial_dtype == "auto"
     assert InfiniGenConfig(partial_ratio=0.5).for_model(3, 18).partial_ratio == 0.5
     four_bit = InfiniGenConfig(partial_dtype="int4").for_model(3, 18)
     assert four_bit.partial_ratio == 1.0 and four_bit.block_score_rule == "log_mass"

@@ -35,13 +35,15 @@ SWAP_MODES: tuple[str, ...] = ("in_place", "sync", "thread")
 SCORE_RULES: tuple[str, ...] = ("auto", "log_mass", "max")
 
 #: With ``partial_ratio`` unset, models whose sparse layers are at most this
-#: share of their attention layers score whole keys (hybrid models such as
-#: Gemma 3, whose few global layers are the sparse ones); the others keep
-#: :data:`PARTIAL_RATIO` of each head's channels.
+#: share of their attention layers score whole keys at 16 bits (hybrid models
+#: such as Gemma 3, whose few global layers are the sparse ones); the others
+#: score whole keys at 4 bits (:meth:`InfiniGenConfig.for_model`).
 WHOLE_KEYS_MAX_SPARSE_SHARE = 0.25
 
 #: The share of each head's channels in the partial keys when not every
-#: channel is kept (also ``method/calibration.py``'s default): 20 of 64 on
+#: channel is kept (``partial_ratio`` unset with ``partial_dtype`` a float
+#: type on a model with many sparse layers; also ``method/calibration.py``'s
+#: default): 20 of 64 on
 #: Qwen2.5-0.5B, +2 points mean recall and +16 on the worst layer over 0.2
 #: (docs/method.md, recall.json).
 PARTIAL_RATIO = 0.3
@@ -119,17 +121,19 @@ class InfiniGenConfig:
 
     partial_ratio: float | None = None
     """Fraction of each head's channels kept in the device partial-key cache
-    and used by speculation, in (0, 1]. None: chosen per model at start-up,
-    1.0 (whole keys) when the sparse layers are at most a quarter of the
-    attention layers (hybrid models: Gemma 3 270M, 3 of 18), else 0.3
-    (Qwen2.5-Coder-0.5B, 23 of 24). Few sparse layers carry every long-range
-    read, and scoring their whole keys is a small part of a step: on Gemma
-    it meets the accuracy targets that 30% of the channels miss. With every
-    layer sparse, whole keys cost about 2.7 times the scoring of 30%
-    (``benchmarks/speculation_cost.py``), which the speed targets cannot
-    afford, and 30% already meets them there (``docs/method.md``, "Whole
-    keys and the peak rule"). 0.3 over 0.2: +0.02 mean and +0.16 worst-layer
-    recall for 50% more partial-key memory. Fixed at start-up."""
+    and used by speculation, in (0, 1]. None: chosen per model at start-up
+    (:meth:`for_model`): whole keys (1.0) everywhere, in 16 bits when the
+    sparse layers are at most a quarter of the attention layers (hybrid
+    models: Gemma 3 270M, 3 of 18), else packed at 4 bits (``partial_dtype``
+    ``int4``; Qwen2.5-Coder-0.5B, 23 of 24). Few sparse layers carry every
+    long-range read and are scored by their peak logit, which wants the keys'
+    own precision; with every layer sparse, whole keys at 4 bits rank blocks
+    closer to the exact masses than 30% of the channels in bfloat16, in less
+    memory (34 bytes per token and KV head against 40 at head_dim 64) and,
+    with the CPU scorer's integer dot products, no more time
+    (``benchmarks/speculation_cost.py``; ``docs/method.md``, "Whole keys at 4
+    bits by default"). With ``partial_dtype`` set to a float type on such a
+    model, 0.3 (:data:`PARTIAL_RATIO`). Fixed at start-up."""
 
     sink_blocks: int = 1
     """Leading blocks of every request always fetched (attention sinks), >= 0."""
@@ -207,7 +211,9 @@ class InfiniGenConfig:
 
     partial_dtype: str = "auto"
     """Storage type of the partial-key cache, one of :data:`PARTIAL_DTYPES`.
-    ``auto``: ``bfloat16`` for float32 keys, else the keys' own type. Half
+    ``auto``: ``int4`` where :meth:`for_model` chooses whole keys at 4 bits
+    (``partial_ratio`` unset on a model with many sparse layers), else
+    ``bfloat16`` for float32 keys and the keys' own type otherwise. Half
     precision halves the cache's memory and what speculation reads per step
     (the fused CPU scorer: 2.6 -> 2.1 ms per layer at 16K x 4,
     ``benchmarks/speculation_cost.py``), at a rounding far below the
@@ -219,7 +225,9 @@ class InfiniGenConfig:
     bytes where 30% of the channels in bfloat16 take 40 (head_dim 256: 130
     against 154), and ranks blocks closer to the exact masses
     (``docs/method.md``, "Whole keys at 4 bits"); it works at any ratio.
-    Fixed at start-up."""
+    The CPU scorer scores packed keys with the query at 8 bits, in integer
+    dot products (``method/quant4.py``'s ``quantize_query``). Fixed at
+    start-up."""
 
     query_source: str = "auto"
     """Which query InfiniGen scores the partial keys with, one of
@@ -382,13 +390,21 @@ class InfiniGenConfig:
             )
 
     def for_model(self, sparse_layers: int, attention_layers: int) -> InfiniGenConfig:
-        """This configuration with ``partial_ratio`` chosen for a model with
-        ``sparse_layers`` of its ``attention_layers`` sparse, when unset."""
+        """This configuration with the partial keys chosen for a model with
+        ``sparse_layers`` of its ``attention_layers`` sparse, when
+        ``partial_ratio`` is unset: whole keys, at 16 bits (``partial_dtype``
+        ``auto``) when the sparse layers are at most
+        :data:`WHOLE_KEYS_MAX_SPARSE_SHARE` of the attention layers, else at
+        4 bits (``int4``); with ``partial_dtype`` set to a float type on such
+        a model, :data:`PARTIAL_RATIO` of the channels."""
         if self.partial_ratio is not None:
             return self
         few = sparse_layers <= WHOLE_KEYS_MAX_SPARSE_SHARE * attention_layers
-        ratio = 1.0 if few else PARTIAL_RATIO
-        return dataclasses.replace(self, partial_ratio=ratio)
+        if few or self.partial_dtype == "int4":
+            return dataclasses.replace(self, partial_ratio=1.0)
+        if self.partial_dtype == "auto":
+            return dataclasses.replace(self, partial_ratio=1.0, partial_dtype="int4")
+        return dataclasses.replace(self, partial_ratio=PARTIAL_RATIO)
 
     @property
     def whole_keys(self) -> bool:

@@ -225,9 +225,10 @@ def install_runtime(
     logger.info("INFINIGEN sparse layers %s; dense layers %s", sparse, dense)
     config = config.for_model(len(sparse), len(infos))
     logger.info(
-        "INFINIGEN scores %s keys (partial_ratio %s) by %s",
+        "INFINIGEN scores %s keys (partial_ratio %s, partial_dtype %s) by %s",
         "whole" if config.partial_ratio == 1.0 else "partial",
         config.partial_ratio,
+        config.partial_dtype,
         config.block_score_rule,
     )
     speculators = calibrate_model(vllm_config.model_config.model, config, sparse)
