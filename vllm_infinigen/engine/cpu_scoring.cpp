@@ -5,8 +5,8 @@
 // walks the request's blocks once (fetching the next block ahead, since a
 // block table is scattered), forms the logits of every query head for the
 // block's tokens in a small buffer (the heads of a KV group across a
-// vector's lanes, a run of tokens at a time), and keeps per block and head the block's
-// maximum logit and its sum of exp(logit - maximum). A second, block-sized
+// vector's lanes, a run of tokens at a time), and keeps per block and head
+// the block's maximum logit and its sum of exp(logit - maximum). A second, block-sized
 // pass turns those into the log of the block's softmax mass averaged over the
 // group's query heads (rule 1, LOG_MASS), or takes the block's largest
 // logit (rule 0, MAX). An optional per-(head, block) bias (the residual
@@ -22,6 +22,9 @@
 //   table   [R, M] int32 physical block ids
 //   lens    [R] int32 tokens per request (1 <= len <= M * B)
 //   bias    [R, H, M] float32 in logit units, or empty (none)
+//   qcodes  [R, H, P] int8 and qscales [R, H] float32: with packed keys, the
+//           query at 8 bits (method/quant4.py's quantize_query; query then
+//           holds codes * scale), else empty
 //   out     [R, KV, M] float32, -inf past a request's last block
 
 #include <torch/extension.h>
