@@ -16,6 +16,7 @@ from vllm_infinigen.method.quant4 import (
     PACKED_DTYPE,
     pack_int4,
     packed_width,
+    quantize_query,
     unpack_int4,
 )
 from vllm_infinigen.method.scoring import BlockScoreRule, block_scores
@@ -162,7 +163,10 @@ def test_packed_scores_equal_scores_of_the_dequantized_keys(
             table.shape[0], query.shape[1], table.shape[1], generator=gen
         )
     got = block_scores(query, packed, table, lens, 0.25, rule, block_bias=bias)
-    want = block_scores(query, dequantized, table, lens, 0.25, rule, block_bias=bias)
+    # Packed keys are scored by the query at 8 bits (quantize_query).
+    codes, q_scale = quantize_query(query * 0.25)
+    query8 = codes.float() * q_scale
+    want = block_scores(query8, dequantized, table, lens, 1.0, rule, block_bias=bias)
     assert got.shape == want.shape == (table.shape[0], 2, table.shape[1])
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
