@@ -198,6 +198,28 @@ struct Int4Keys {
   }
 };
 
+// The run loop both key paths share, for one tile of count <= kTile tokens
+// of one KV head: decode(t, i) turns the tile's token t into run row i and
+// returns its scale; dots(chunk) forms the run's sums for a chunk of kLanes
+// heads; logit(head, t, i, scale) writes head's logit of token t from run
+// row i.
+template <typename Decode, typename Dots, typename Logit>
+inline void tile_runs(int64_t count, int64_t G, Decode decode, Dots dots, Logit logit) {
+  const int64_t chunks = (G + kLanes - 1) / kLanes;
+  float scales[kRun];
+  for (int64_t t0 = 0; t0 < count; t0 += kRun) {
+    const int64_t n = std::min<int64_t>(kRun, count - t0);
+    for (int64_t i = 0; i < n; ++i) scales[i] = decode(t0 + i, i);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      dots(ch);
+      const int64_t heads = std::min<int64_t>(kLanes, G - ch * kLanes);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t lane = 0; lane < heads; ++lane)
+          logit(ch * kLanes + lane, t0 + i, i, scales[i]);
+    }
+  }
+}
+
 // Logits of the group's G query heads for one tile of count <= kTile tokens
 // of KV head g: l[h][t] (tokens innermost). kt: the tile's first token row;
 // qt: the request's query for this KV head, [chunks][P][kLanes] with the
@@ -207,20 +229,15 @@ inline void tile_logits(const typename Keys::elem_t* kt, const float* qt, float*
                         float* run, float* l, int64_t count, int64_t KV, int64_t g,
                         int64_t P, int64_t G) {
   const int64_t W = Keys::width(P), stride = KV * W;
-  const int64_t chunks = (G + kLanes - 1) / kLanes;
-  float scales[kRun];
-  for (int64_t t0 = 0; t0 < count; t0 += kRun) {
-    const int64_t n = std::min<int64_t>(kRun, count - t0);
-    for (int64_t i = 0; i < n; ++i)
-      scales[i] = Keys::decode(kt + (t0 + i) * stride + g * W, rows + i * kRowStride, P);
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      run_logits(qt + ch * P * kLanes, rows, run, P);
-      const int64_t heads = std::min<int64_t>(kLanes, G - ch * kLanes);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t lane = 0; lane < heads; ++lane)
-          l[(ch * kLanes + lane) * kTile + t0 + i] = run[i * kLanes + lane] * scales[i];
-    }
-  }
+  tile_runs(
+      count, G,
+      [&](int64_t t, int64_t i) {
+        return Keys::decode(kt + t * stride + g * W, rows + i * kRowStride, P);
+      },
+      [&](int64_t ch) { run_logits(qt + ch * P * kLanes, rows, run, P); },
+      [&](int64_t h, int64_t t, int64_t i, float scale) {
+        l[h * kTile + t] = run[i * kLanes + h % kLanes] * scale;
+      });
 }
 
 #if INFINIGEN_INTEGER_DOTS
@@ -263,24 +280,17 @@ inline void run_dots(const int32_t* __restrict qpack, const uint8_t* __restrict 
 inline void tile_logits_int4(const uint8_t* kt, const int32_t* qpack, const int32_t* qoff,
                              const float* qscale, uint8_t* rows, int32_t* run, float* l,
                              int64_t count, int64_t KV, int64_t g, int64_t P, int64_t G) {
-  const int64_t W = Int4Keys::width(P), stride = KV * W;
-  const int64_t chunks = (G + kLanes - 1) / kLanes, groups = (P + 3) / 4;
-  float scales[kRun];
-  for (int64_t t0 = 0; t0 < count; t0 += kRun) {
-    const int64_t n = std::min<int64_t>(kRun, count - t0);
-    for (int64_t i = 0; i < n; ++i)
-      scales[i] = Int4Keys::nibbles(kt + (t0 + i) * stride + g * W, rows + i * kRowBytes, P);
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      run_dots(qpack + ch * groups * kLanes, rows, run, groups);
-      const int64_t heads = std::min<int64_t>(kLanes, G - ch * kLanes);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t lane = 0; lane < heads; ++lane) {
-          const int64_t at = ch * kLanes + lane;
-          l[at * kTile + t0 + i] = static_cast<float>(run[i * kLanes + lane] - qoff[at]) *
-                                   (qscale[at] * scales[i]);
-        }
-    }
-  }
+  const int64_t W = Int4Keys::width(P), stride = KV * W, groups = (P + 3) / 4;
+  tile_runs(
+      count, G,
+      [&](int64_t t, int64_t i) {
+        return Int4Keys::nibbles(kt + t * stride + g * W, rows + i * kRowBytes, P);
+      },
+      [&](int64_t ch) { run_dots(qpack + ch * groups * kLanes, rows, run, groups); },
+      [&](int64_t h, int64_t t, int64_t i, float scale) {
+        l[h * kTile + t] =
+            static_cast<float>(run[i * kLanes + h % kLanes] - qoff[h]) * (qscale[h] * scale);
+      });
 }
 #endif
 
