@@ -186,3 +186,36 @@ def test_far_blocks_keep_their_order(scorer) -> None:  # type: ignore[no-untyped
     top_want = set(want.logsumexp(1)[0].topk(k).indices.tolist())
     top_got = set(got.logsumexp(1)[0].topk(k).indices.tolist())
     assert len(top_want & top_got) >= 0.98 * k
+
+
+@pytest.mark.parametrize("p", [64, 20, 7])
+def test_packed_writer_stores_the_bytes_of_the_torch_write(p: int) -> None:
+    """The fused 4-bit write gives write_partial_keys' bytes, at the slots
+    given and nowhere else: random rows, rows of zeros, rows whose scale
+    sits on a float16 rounding boundary, and rows large enough to cap the
+    scale."""
+    from vllm_infinigen.engine.cpu_scoring import load_packed_writer
+    from vllm_infinigen.method.partial_cache import write_partial_keys
+    from vllm_infinigen.method.quant4 import packed_width
+
+    errors: list[str] = []
+    writer = load_packed_writer(errors.append)
+    assert writer is not None, errors
+    gen = torch.Generator().manual_seed(p)
+    blocks, block_size, kv, tokens = 6, 32, 2, 40
+    keys = torch.randn(tokens, kv, p, generator=gen) * 3
+    keys[0] = 0.0
+    keys[1, 0] = torch.full((p,), 7.0 * 0.1)  # max |k| / 7 = 0.1, not a float16
+    keys[2, 1, 0] = 1e6  # scale capped at float16's largest value
+    keys[3] = keys[3].round()  # ties at code boundaries
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    fill = torch.randint(
+        0, 256, (blocks, block_size, kv, packed_width(p)), generator=gen
+    )
+    expected = fill.to(torch.uint8)
+    actual = expected.clone()
+    write_partial_keys(expected, keys, slots)
+    writer(actual, keys, slots)
+    assert torch.equal(actual, expected)
+    with pytest.raises(ValueError, match="bytes"):
+        writer(actual[..., :-1], keys, slots)

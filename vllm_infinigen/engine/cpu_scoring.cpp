@@ -521,3 +521,80 @@ torch::Tensor block_scores(torch::Tensor query, torch::Tensor cache,
       });
   return out;
 }
+
+// Packs new tokens' partial keys at 4 bits and stores them at their slots,
+// in place: what method/quant4.py's pack_int4 followed by an index_copy_
+// does, for the few tokens of a decode step without a chain of small torch
+// ops per layer. Exact IEEE arithmetic (no reciprocal or contracted math),
+// so that the bytes equal pack_int4's.
+//   keys   [T, KV, P] float32
+//   slots  [T] int64, valid and distinct
+//   cache  [S, KV, W] uint8 (a partial-key cache viewed by slot), W = ceil(P/2)+2
+#pragma GCC push_options
+#pragma GCC optimize("no-fast-math", "no-unsafe-math-optimizations", "fp-contract=off")
+namespace {
+
+// float -> float16 bits, round to nearest even (finite, non-negative input
+// at most 65504, as the scales are).
+uint16_t half_bits(float value) {
+  return c10::Half(value).x;
+}
+
+float half_value(uint16_t bits) {
+  c10::Half h;
+  h.x = bits;
+  return static_cast<float>(h);
+}
+
+void pack_rows(const float* keys, const int64_t* slots, uint8_t* cache, int64_t T,
+               int64_t KV, int64_t P, int64_t W) {
+  const int64_t width = (P + 1) / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < KV; ++h) {
+      const float* k = keys + (t * KV + h) * P;
+      uint8_t* row = cache + (slots[t] * KV + h) * W;
+      float peak = 0.0f;
+      for (int64_t c = 0; c < P; ++c) peak = std::max(peak, std::fabs(k[c]));
+      const float wanted = std::min(peak / 7.0f, 65504.0f);
+      uint16_t bits = half_bits(wanted);
+      if (half_value(bits) < wanted) ++bits;  // round up to the next float16
+      const float divisor = half_value(bits);
+      for (int64_t i = 0; i < width; ++i) {
+        int codes[2] = {8, 8};
+        for (int64_t j = 0; j < 2; ++j) {
+          const int64_t c = 2 * i + j;
+          if (c >= P || !(divisor > 0.0f)) continue;
+          float code = std::nearbyint(k[c] / divisor);
+          code = std::min(7.0f, std::max(-7.0f, code));
+          codes[j] = static_cast<int>(code) + 8;
+        }
+        row[i] = static_cast<uint8_t>(codes[0] | (codes[1] << 4));
+      }
+      row[width] = static_cast<uint8_t>(bits & 0xFF);
+      row[width + 1] = static_cast<uint8_t>(bits >> 8);
+    }
+  }
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+void write_packed(torch::Tensor cache, torch::Tensor keys, torch::Tensor slots) {
+  TORCH_CHECK(keys.is_contiguous() && keys.scalar_type() == torch::kFloat32 &&
+                  keys.dim() == 3,
+              "keys must be contiguous float32 [T, KV, P]");
+  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == torch::kInt64 &&
+                  slots.numel() == keys.size(0),
+              "slots must be contiguous int64 [T]");
+  TORCH_CHECK(cache.is_contiguous() && cache.scalar_type() == torch::kUInt8 &&
+                  cache.dim() == 3 && cache.size(1) == keys.size(1),
+              "cache must be contiguous uint8 [S, KV, W]");
+  const int64_t P = keys.size(2), W = cache.size(2);
+  TORCH_CHECK(W == (P + 1) / 2 + 2, "cache rows must be ", (P + 1) / 2 + 2, " bytes for ",
+              P, " channels, got ", W);
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.numel(); ++t)
+    TORCH_CHECK(s[t] >= 0 && s[t] < cache.size(0), "slot ", s[t], " out of range");
+  pack_rows(keys.data_ptr<float>(), s, cache.data_ptr<uint8_t>(), keys.size(0),
+            keys.size(1), P, W);
+}

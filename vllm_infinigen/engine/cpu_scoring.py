@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vllm_infinigen.method.quant4 import PACKED_DTYPE, quantize_query
+from vllm_infinigen.method.quant4 import PACKED_DTYPE, packed_width, quantize_query
 from vllm_infinigen.method.scoring import BlockScoreRule
 
 SOURCE = Path(__file__).with_name("cpu_scoring.cpp")
@@ -64,7 +64,7 @@ def _compiled() -> Any:
     return load_inline(
         name=f"infinigen_cpu_scoring_{digest}",
         cpp_sources=[source],
-        functions=["block_scores"],
+        functions=["block_scores", "write_packed"],
         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
         verbose=False,
     )
@@ -118,3 +118,40 @@ def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer |
         return result
 
     return scorer
+
+
+PackedWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def load_packed_writer(log: Callable[[str], None] | None = None) -> PackedWriter | None:
+    """The fused 4-bit partial-key write (compiling it on first use), or None
+    where it cannot be built (``log`` receives why): the same bytes as
+    :func:`~vllm_infinigen.method.partial_cache.write_partial_keys` on a
+    packed cache, in one call instead of a chain of small torch ops per
+    layer and step."""
+    try:
+        module = _compiled()
+    except Exception as error:  # noqa: BLE001 - any build failure: keep torch ops
+        if log is not None:
+            log(f"INFINIGEN fused CPU partial-key write unavailable: {error}")
+        return None
+
+    def write(
+        partial_key_cache: torch.Tensor, partial_keys: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """Args as ``write_partial_keys``: a packed ``[num_blocks, block_size,
+        num_kv_heads, width]`` cache, ``[tokens, num_kv_heads, d_partial]``
+        keys, ``[tokens]`` valid, distinct slots."""
+        num_blocks, block_size, num_kv_heads, width = partial_key_cache.shape
+        if width != packed_width(partial_keys.shape[-1]):
+            raise ValueError(
+                f"packed rows of {partial_keys.shape[-1]} channels are "
+                f"{packed_width(partial_keys.shape[-1])} bytes, got {width}"
+            )
+        module.write_packed(
+            partial_key_cache.view(num_blocks * block_size, num_kv_heads, width),
+            partial_keys.float().contiguous(),
+            slots.long().contiguous(),
+        )
+
+    return write

@@ -242,7 +242,12 @@ class InfiniGenRuntime:
         keys = key[: write.tokens]
         if write.rows is not None:
             keys = keys[write.rows]
-        write_partial_keys(cache, layer.speculator.partial_keys(keys), write.slots)
+        partial = layer.speculator.partial_keys(keys)
+        writer = self.context.packed_writer
+        if writer is not None and cache.dtype == PACKED_DTYPE:
+            writer(cache, partial, write.slots)
+        else:
+            write_partial_keys(cache, partial, write.slots)
         # A block written from its first slot is new to its request: its
         # counters, residual sums and metadata start again (nothing stale
         # after reuse).

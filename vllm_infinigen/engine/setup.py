@@ -115,12 +115,13 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
     vLLM's packed CPU cache (H2O), checked before a policy relies on it."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from vllm_infinigen.engine.cpu_scoring import load_block_scorer
+    from vllm_infinigen.engine.cpu_scoring import load_block_scorer, load_packed_writer
     from vllm_infinigen.engine.key_layout import key_tile_order, read_keys
 
     scorer = load_block_scorer(logger.warning)
     if scorer is not None:
         logger.info("INFINIGEN fused CPU block scoring ready")
+    writer = load_packed_writer(logger.warning)
     block_size = vllm_config.cache_config.block_size
     dtype: Any = vllm_config.model_config.dtype
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
@@ -129,6 +130,7 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
             block_size=block_size,
             sparse_min_tokens=CPU_SPARSE_MIN_TOKENS,
             block_scorer=scorer,
+            packed_writer=writer,
         )
 
     def order() -> torch.Tensor:
@@ -147,6 +149,7 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
         key_reader_check=check,
         sparse_min_tokens=CPU_SPARSE_MIN_TOKENS,
         block_scorer=scorer,
+        packed_writer=writer,
     )
 
 

@@ -56,6 +56,10 @@ class PolicyContext:
         block_scorer: a faster implementation of
             :func:`~vllm_infinigen.method.scoring.block_scores` for this
             platform's tensors (same arguments and result), or ``None``.
+        packed_writer: a faster implementation of
+            :func:`~vllm_infinigen.method.partial_cache.write_partial_keys`
+            for caches packed at 4 bits (same arguments and bytes), or
+            ``None``.
     """
 
     block_size: int
@@ -63,6 +67,9 @@ class PolicyContext:
     key_reader_check: Callable[[], None] | None = None
     sparse_min_tokens: int = 0
     block_scorer: Callable[..., torch.Tensor] | None = None
+    packed_writer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = (
+        None
+    )
 
 
 class BlockPolicy:
