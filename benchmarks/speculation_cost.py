@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from vllm_infinigen.engine.copier import BlockCopier
+from vllm_infinigen.engine.cost_probe import CPUKernel
 from vllm_infinigen.engine.cpu_scoring import load_block_scorer
 from vllm_infinigen.engine.placement import plan_in_place, plan_staging
 from vllm_infinigen.method.counters import count_selected_blocks
@@ -64,55 +65,6 @@ def _time_ms(fn: Callable[[int], Any], layers: int, repeats: int) -> float:
         for layer in range(layers):
             fn(layer)
     return (time.perf_counter() - start) / (repeats * layers) * 1e3
-
-
-class Kernel:
-    """vLLM's CPU paged-attention kernel for one batch shape."""
-
-    def __init__(self, batch: int, block_size: int) -> None:
-        from vllm import _custom_ops as ops
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-        self.ops = ops
-        self.isa = _get_attn_isa(torch.float32, block_size, HEAD_DIM, "auto")
-        self.query = torch.randn(batch, HEADS, HEAD_DIM)
-        self.out = torch.empty_like(self.query)
-        self.qsl = torch.arange(batch + 1, dtype=torch.int32)
-
-    def __call__(
-        self, cache: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> None:
-        blocks, kv, block_size, _ = cache.shape
-        key, value = cache.view(blocks, kv, 2 * block_size, HEAD_DIM).chunk(2, dim=2)
-        metadata = self.ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=seq_lens.shape[0],
-            num_heads=HEADS,
-            num_kv_heads=KV_HEADS,
-            head_dim=HEAD_DIM,
-            seq_lens=seq_lens,
-            dtype=torch.float32,
-            query_start_loc=self.qsl,
-            causal=True,
-            sliding_window_size=-1,
-            isa=self.isa,
-            enable_kv_split=False,
-        )
-        self.ops.cpu_attention_with_kv_cache(
-            query=self.query,
-            key_cache=key,
-            value_cache=value,
-            output=self.out,
-            query_start_loc=self.qsl,
-            seq_lens=seq_lens,
-            scale=HEAD_DIM**-0.5,
-            causal=True,
-            alibi_slopes=None,
-            sliding_window=-1,
-            block_table=table,
-            softcap=0.0,
-            scheduler_metadata=metadata,
-            s_aux=None,
-        )
 
 
 def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any]:
@@ -235,12 +187,20 @@ def measure(args: argparse.Namespace, context: int, batch: int) -> dict[str, Any
     )
     copier.shutdown()
     copied = staged.total_blocks * host[0][0].numel() * 4
-    kernel = Kernel(batch, block_size)
-    dense_ms = _time_ms(lambda i: kernel(host[i], table, seq_lens), layers, repeats)
-    sparse_table = plan.compact_block_table
-    sparse_lens = plan.sparse_seq_lens
+    kernel = CPUKernel(HEADS, KV_HEADS, HEAD_DIM, block_size, torch.float32, batch)
+    dense_ms = _time_ms(
+        lambda i: kernel(host[i], table, seq_lens, kernel.metadata(seq_lens)),
+        layers,
+        repeats,
+    )
+    sparse_table = plan.compact_block_table.to(torch.int32)
+    sparse_lens = plan.sparse_seq_lens.to(torch.int32)
     sparse_ms = _time_ms(
-        lambda i: kernel(host[i], sparse_table, sparse_lens), layers, repeats
+        lambda i: kernel(
+            host[i], sparse_table, sparse_lens, kernel.metadata(sparse_lens)
+        ),
+        layers,
+        repeats,
     )
     return {
         "context": context,

@@ -153,10 +153,12 @@ class InfiniGenConfig:
     """A decode step whose requests hold fewer context tokens than this, in
     total, reads every block (vLLM's dense path): below it, choosing the
     blocks costs more than reading them all. >= 0, or None for the
-    platform's default (CPU: 8192; InfiniGen's selection, about 0.54 ms per
-    layer plus 0.054 us per context token on one core, costs less than the
-    80% of the kernel's 0.18 us per token it saves from about 5.8K tokens;
-    ``benchmarks/speculation_cost.py``). 0 selects at every length."""
+    platform's choice: on CPU measured at start-up on the machine the engine
+    runs on (``engine/cost_probe.py``: vLLM's kernel over every block against
+    scoring, selecting and reading the budget's blocks, at the engine's block
+    size and partial-key type; sparse only where it is predicted to save at
+    least a tenth of the kernel's time; never, if it does not pay there);
+    on CUDA 0. 0 selects at every length."""
 
     dense_layers: tuple[int, ...] = (0,)
     """Layer indices that keep vLLM's dense decode attention (layer 0 has no

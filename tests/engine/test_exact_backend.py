@@ -123,6 +123,12 @@ def test_exact_backend_matches_default(
             swap_mode=mode,
         )
         assert "INFINIGEN attention backend active" in our_log
+        # sparse_min_tokens unset: the start-up probe measured this CPU; at
+        # budget 1.0 no step is sparse whatever it measured.
+        assert "INFINIGEN decode costs per layer on this CPU" in our_log
+        costs = ours["stats"]["step_costs"]
+        assert costs["dense_us_per_token"] > costs["read_us_per_token"] > 0
+        assert ours["stats"]["sparse_min_tokens"] == float("inf")
         total = ours["stats"]["total"]
         # Every decode step of every sparse layer was counted, every block
         # read; in place nothing was selected or copied (vLLM's dense path),

@@ -39,6 +39,7 @@ from vllm.logger import init_logger
 
 from vllm_infinigen.config import InfiniGenConfig
 from vllm_infinigen.engine.copier import BlockCopier
+from vllm_infinigen.engine.cost_probe import NEVER
 from vllm_infinigen.engine.layer_state import LayerInfo, PreparedRead, SparseLayer
 from vllm_infinigen.engine.placement import StagingPlan, plan_in_place, plan_staging
 from vllm_infinigen.engine.policies.base import BlockPolicy, PolicyContext
@@ -271,7 +272,12 @@ class InfiniGenRuntime:
     def sparse_min_tokens(self) -> int:
         """Decode steps with fewer context tokens (all requests) read whole."""
         value = self.config.sparse_min_tokens
-        return self.context.sparse_min_tokens if value is None else value
+        if value is not None:
+            return value
+        costs = self.context.step_costs
+        if costs is not None:  # measured on this machine, at this budget
+            return costs.threshold(self.config.budget)
+        return self.context.sparse_min_tokens
 
     def reads_everything(self, max_seq_len: int, total_tokens: int) -> bool:
         """Whether the step reads every block of every decode request: the
@@ -609,6 +615,10 @@ class InfiniGenRuntime:
             policy = self.policies.get(name) or make_policy(name, self.context)
             out.update(policy.metadata_bytes())
             out.update(policy.stats())
+        threshold = self.sparse_min_tokens
+        out["sparse_min_tokens"] = float("inf") if threshold == NEVER else threshold
+        costs = self.context.step_costs
+        out["step_costs"] = None if costs is None else costs.to_dict()
         out["policy"] = self.config.policy
         out["budget"] = self.config.budget
         out["swap_mode"] = self.config.swap_mode

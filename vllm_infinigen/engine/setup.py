@@ -8,8 +8,10 @@ layer ``L``'s speculation and starts its swap-in.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from vllm.config import VllmConfig
@@ -18,24 +20,25 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from vllm_infinigen.config import InfiniGenConfig
+from vllm_infinigen.config import DEFAULT_CONFIG, InfiniGenConfig
 from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, LayerInfo, SparseLayer
 from vllm_infinigen.engine.policies.base import PolicyContext
 from vllm_infinigen.engine.runtime import InfiniGenRuntime
 from vllm_infinigen.method.speculator import HeadShard, LayerSpeculator
 
+if TYPE_CHECKING:
+    from vllm_infinigen.engine.cost_probe import StepCosts
+
 PreHook = Callable[[torch.nn.Module, tuple[Any, ...]], None]
 RuntimeT = TypeVar("RuntimeT", bound=InfiniGenRuntime)
 
-#: Default ``sparse_min_tokens`` on vLLM's CPU build: decode steps with fewer
-#: context tokens read every block. Measured on one core of this project's
-#: 2-core machine (``benchmarks/speculation_cost.py``, results/
-#: speculation_cost.json): InfiniGen's selection with the fused scorer costs
-#: about 0.54 ms per layer plus 0.054 us per context token, vLLM's CPU kernel
-#: 0.18 us per token, so reading 20% of the blocks pays from about 5.8K tokens
-#: per step; rounded up for the engine's per-step costs the isolated
-#: measurement leaves out.
+#: ``sparse_min_tokens`` on vLLM's CPU build where the start-up probe of
+#: decode costs (``engine/cost_probe.py``) fails: decode steps with fewer
+#: context tokens read every block. From ``benchmarks/speculation_cost.py``
+#: on one core of an earlier 2-core machine (selection about 0.54 ms per
+#: layer plus 0.054 us per context token, vLLM's kernel 0.18 us per token:
+#: reading 20% of the blocks paid from about 5.8K tokens), rounded up.
 CPU_SPARSE_MIN_TOKENS = 8192
 
 logger = init_logger("vllm.infinigen.setup")
@@ -153,6 +156,53 @@ def _policy_context(vllm_config: VllmConfig, head_dim: int | None) -> PolicyCont
     )
 
 
+def _measure_step_costs(
+    vllm_config: VllmConfig, runtime: InfiniGenRuntime
+) -> StepCosts:
+    """Time this worker's decode attention both ways (``engine/cost_probe.py``)
+    and log the costs and the ``sparse_min_tokens`` they give."""
+    from vllm_infinigen.engine.cost_probe import NEVER, probe_step_costs
+    from vllm_infinigen.method.scoring import block_scores
+
+    layer = next(iter(runtime.sparse.values()))
+    selection = runtime.selection
+    if selection.budget_fraction >= 1.0:  # reads everything now; a later
+        # reconfigure to a budget scales the read from the default's
+        selection = dataclasses.replace(
+            selection, budget_fraction=DEFAULT_CONFIG.budget
+        )
+    speculator = layer.speculator
+    dtype: Any = vllm_config.model_config.dtype
+    start = time.perf_counter()
+    costs = probe_step_costs(
+        num_heads=speculator.num_heads,
+        num_kv_heads=speculator.num_kv_heads,
+        head_dim=speculator.head_dim,
+        d_partial=speculator.d_partial,
+        block_size=runtime.block_size,
+        dtype=dtype,
+        partial_dtype=runtime.partial_dtype(dtype),
+        score=runtime.context.block_scorer or block_scores,
+        selection=selection,
+    )
+    threshold = costs.threshold(runtime.config.budget)
+    logger.info(
+        "INFINIGEN decode costs per layer on this CPU (%.1f s probe): vLLM's "
+        "kernel %.4f us per context token; choosing blocks %.3f ms + %.4f us "
+        "per token, reading budget %.2f of them %.4f us per token: sparse "
+        "decode from %s context tokens per step (sparse_min_tokens unset; "
+        "set it to override)",
+        time.perf_counter() - start,
+        costs.dense_us_per_token,
+        costs.choose_fixed_ms,
+        costs.choose_us_per_token,
+        costs.budget,
+        costs.read_us_per_token,
+        "never (it does not pay here)" if threshold == NEVER else threshold,
+    )
+    return costs
+
+
 def _rank_speculators(
     speculators: dict[int, LayerSpeculator],
     attention_layers: dict[str, Any],
@@ -256,6 +306,17 @@ def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenR
     ) -> InfiniGenRuntime:
         head_dim = next(iter(speculators.values())).head_dim if speculators else None
         context = _policy_context(vllm_config, head_dim)
-        return InfiniGenRuntime(config, infos, speculators, context)
+        runtime = InfiniGenRuntime(config, infos, speculators, context)
+        if config.sparse_min_tokens is None and runtime.sparse:
+            try:
+                context.step_costs = _measure_step_costs(vllm_config, runtime)
+            except Exception as error:  # noqa: BLE001 - keep the fixed default
+                logger.warning(
+                    "INFINIGEN could not measure decode costs (%s); decode steps "
+                    "under %d context tokens read every block",
+                    error,
+                    CPU_SPARSE_MIN_TOKENS,
+                )
+        return runtime
 
     return install_runtime(vllm_config, model, make_runtime, _make_hook)

@@ -91,6 +91,20 @@ GAUGES: tuple[tuple[str, str, str], ...] = (
         "device_tier_bytes",
     ),
     ("budget_fraction", "The selection budget in effect (share of blocks).", "budget"),
+    (
+        "sparse_min_tokens",
+        "Decode steps with fewer context tokens read every block (the option, "
+        "or what the start-up cost probe gave when it is unset; +Inf: sparse "
+        "decode never pays on this machine).",
+        "sparse_min_tokens",
+    ),
+)
+
+#: (path label, ``step_costs`` key) of the measured per-token decode costs.
+COST_PATHS: tuple[tuple[str, str], ...] = (
+    ("dense", "dense_us_per_token"),
+    ("choose", "choose_us_per_token"),
+    ("read", "read_us_per_token"),
 )
 
 
@@ -165,6 +179,29 @@ def metric_families(
         for values, snap in ranks:
             gauge.add_metric(values, float(snap.get(key, 0)))
         out.append(gauge)
+    measured = [
+        (values, snap["step_costs"]) for values, snap in ranks if snap.get("step_costs")
+    ]
+    if measured:
+        per_token = GaugeMetricFamily(
+            PREFIX + "decode_cost_seconds_per_token",
+            "Decode attention cost per context token and sparse layer, measured "
+            "at start-up on this machine: 'dense' vLLM's kernel over every "
+            "block, 'choose' scoring and selecting blocks, 'read' the kernel "
+            "over the selected blocks at the measured budget.",
+            labels=path_labels,
+        )
+        fixed = GaugeMetricFamily(
+            PREFIX + "decode_cost_choose_fixed_seconds",
+            "Fixed cost of choosing blocks per sparse layer and step, measured "
+            "at start-up on this machine.",
+            labels=labels,
+        )
+        for values, costs in measured:
+            for path, key in COST_PATHS:
+                per_token.add_metric([*values, path], costs[key] * 1e-6)
+            fixed.add_metric(values, costs["choose_fixed_ms"] * 1e-3)
+        out += [per_token, fixed]
     return out
 
 

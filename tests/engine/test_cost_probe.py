@@ -1,0 +1,84 @@
+"""The start-up probe of decode costs, and the threshold it gives the runtime
+when ``sparse_min_tokens`` is unset."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.engine.test_runtime import World
+from vllm_infinigen.engine.cost_probe import NEVER, StepCosts, probe_step_costs
+from vllm_infinigen.method.quant4 import PACKED_DTYPE
+from vllm_infinigen.method.scoring import block_scores
+from vllm_infinigen.method.selection import SelectionPolicy
+
+COSTS = StepCosts(
+    dense_us_per_token=0.2,
+    choose_fixed_ms=0.5,
+    choose_us_per_token=0.05,
+    read_us_per_token=0.04,
+    budget=0.2,
+    margin=0.1,
+)
+
+
+def test_threshold_is_where_the_saved_kernel_time_pays_for_choosing() -> None:
+    # Saved per token at budget 0.2: 0.9 * 0.2 - 0.05 - 0.04 = 0.09 us, so
+    # the 500 us of fixed cost are paid from 5556 tokens.
+    assert COSTS.threshold(0.2) == 5556
+    # At budget 0.1 the read costs half: 0.9 * 0.2 - 0.05 - 0.02 = 0.11 us.
+    assert COSTS.threshold(0.1) == 4546
+    # Reading everything, or a machine where choosing costs what it saves:
+    # never sparse.
+    assert COSTS.threshold(1.0) == NEVER
+    slow = StepCosts(0.2, 0.5, 0.14, 0.04, 0.2, 0.1)
+    assert slow.threshold(0.2) == NEVER
+
+
+def test_probe_times_vllms_kernel_both_ways() -> None:
+    selection = SelectionPolicy(budget_fraction=0.2)
+    costs = probe_step_costs(
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        d_partial=64,
+        block_size=32,
+        dtype=torch.float32,
+        partial_dtype=PACKED_DTYPE,
+        score=block_scores,
+        selection=selection,
+        contexts=(1024, 2048, 4096),
+        copies=2,
+        repeats=3,
+    )
+    assert costs.budget == 0.2
+    assert costs.dense_us_per_token > 0.0
+    # The kernel over a fifth of the blocks reads fewer bytes per context
+    # token than over all of them.
+    assert 0.0 <= costs.read_us_per_token < costs.dense_us_per_token
+    assert costs.choose_fixed_ms >= 0.0 and costs.choose_us_per_token >= 0.0
+    assert set(costs.to_dict()) >= {"dense_us_per_token", "margin"}
+
+
+def test_measured_costs_set_the_threshold_when_unset() -> None:
+    world = World([61, 100], budget=0.3, min_blocks=2)
+    world.context.sparse_min_tokens = 0
+    world.context.step_costs = COSTS
+    assert world.runtime.sparse_min_tokens == COSTS.threshold(0.3)
+    world.prepare(1)  # 161 tokens: far below the measured threshold
+    assert world.layer(1).pending is None
+    snapshot = world.runtime.stats_snapshot()
+    assert snapshot["sparse_min_tokens"] == COSTS.threshold(0.3)
+    assert snapshot["step_costs"] == COSTS.to_dict()
+    world.runtime.reconfigure({"budget": 0.1})
+    assert world.runtime.sparse_min_tokens == COSTS.threshold(0.1)
+    # An explicit value wins over the measurement.
+    world.runtime.reconfigure({"sparse_min_tokens": 0})
+    world.prepare(1)
+    assert world.layer(1).pending is not None
+
+
+def test_never_is_reported_as_infinite() -> None:
+    world = World([61, 100], budget=1.0, min_blocks=2)
+    world.context.step_costs = COSTS
+    assert world.runtime.sparse_min_tokens == NEVER
+    assert world.runtime.stats_snapshot()["sparse_min_tokens"] == float("inf")
