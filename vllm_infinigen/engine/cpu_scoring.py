@@ -70,14 +70,22 @@ def _compiled() -> Any:
     )
 
 
+def _module_or_none(log: Callable[[str], None] | None, what: str) -> Any:
+    """The compiled module, or None where it cannot be built (``log``
+    receives ``what`` and why)."""
+    try:
+        return _compiled()
+    except Exception as error:  # noqa: BLE001 - any build failure: keep torch ops
+        if log is not None:
+            log(f"INFINIGEN fused CPU {what}: {error}")
+        return None
+
+
 def load_block_scorer(log: Callable[[str], None] | None = None) -> BlockScorer | None:
     """The fused scorer (compiling it on first use), or None where it cannot
     be built (``log`` receives why)."""
-    try:
-        module = _compiled()
-    except Exception as error:  # noqa: BLE001 - any build failure: keep torch ops
-        if log is not None:
-            log(f"INFINIGEN fused CPU scoring unavailable, using torch ops: {error}")
+    module = _module_or_none(log, "scoring unavailable, using torch ops")
+    if module is None:
         return None
 
     def scorer(
@@ -129,11 +137,8 @@ def load_packed_writer(log: Callable[[str], None] | None = None) -> PackedWriter
     :func:`~vllm_infinigen.method.partial_cache.write_partial_keys` on a
     packed cache, in one call instead of a chain of small torch ops per
     layer and step."""
-    try:
-        module = _compiled()
-    except Exception as error:  # noqa: BLE001 - any build failure: keep torch ops
-        if log is not None:
-            log(f"INFINIGEN fused CPU partial-key write unavailable: {error}")
+    module = _module_or_none(log, "partial-key write unavailable, using torch ops")
+    if module is None:
         return None
 
     def write(
