@@ -3,6 +3,7 @@ when ``sparse_min_tokens`` is unset."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.engine.test_runtime import World
@@ -82,3 +83,22 @@ def test_never_is_reported_as_infinite() -> None:
     world.context.step_costs = COSTS
     assert world.runtime.sparse_min_tokens == NEVER
     assert world.runtime.stats_snapshot()["sparse_min_tokens"] == float("inf")
+
+
+def test_measured_costs_are_exported_as_gauges() -> None:
+    from vllm_infinigen.serving.metrics import metric_families
+
+    world = World([61, 100], budget=0.3, min_blocks=2)
+    world.context.step_costs = COSTS
+    families = {
+        f.name: f for f in metric_families([world.runtime.stats_snapshot()], "m")
+    }
+    threshold = families["vllm:infinigen_sparse_min_tokens"].samples[0].value
+    assert threshold == COSTS.threshold(0.3)
+    per_token = families["vllm:infinigen_decode_cost_seconds_per_token"].samples
+    values = {s.labels["path"]: s.value for s in per_token}
+    assert values == pytest.approx(
+        {"dense": 0.2e-6, "choose": 0.05e-6, "read": 0.04e-6}
+    )
+    fixed = families["vllm:infinigen_decode_cost_choose_fixed_seconds"].samples
+    assert fixed[0].value == pytest.approx(0.5e-3)

@@ -35,6 +35,7 @@ from vllm_infinigen.method.selection import SelectionPolicy
 
 if TYPE_CHECKING:
     from vllm_infinigen.engine.cost_probe import StepCosts
+    from vllm_infinigen.engine.cpu_scoring import PackedWriter
     from vllm_infinigen.engine.layer_state import SparseLayer
 
 KeyReader = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,14 +58,14 @@ class PolicyContext:
         block_scorer: a faster implementation of
             :func:`~vllm_infinigen.method.scoring.block_scores` for this
             platform's tensors (same arguments and result), or ``None``.
-        step_costs: the decode costs measured on this machine at start-up
-            (:mod:`~vllm_infinigen.engine.cost_probe`), from which
-            ``sparse_min_tokens`` left unset follows; ``None``: the
-            platform's fixed default above.
         packed_writer: a faster implementation of
             :func:`~vllm_infinigen.method.partial_cache.write_partial_keys`
             for caches packed at 4 bits (same arguments and bytes), or
             ``None``.
+        step_costs: the decode costs measured on this machine at start-up
+            (:mod:`~vllm_infinigen.engine.cost_probe`), from which
+            ``sparse_min_tokens`` left unset follows; ``None``: the
+            platform's fixed default above.
     """
 
     block_size: int
@@ -72,9 +73,7 @@ class PolicyContext:
     key_reader_check: Callable[[], None] | None = None
     sparse_min_tokens: int = 0
     block_scorer: Callable[..., torch.Tensor] | None = None
-    packed_writer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = (
-        None
-    )
+    packed_writer: PackedWriter | None = None
     step_costs: StepCosts | None = None
 
 
