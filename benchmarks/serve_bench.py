@@ -55,13 +55,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workloads import RESULTS, commit, cpu_model, distinct_prompts
+from workloads import (
+    RESULTS,
+    VLLM_CPU_BLOCK_SIZE,
+    commit,
+    cpu_model,
+    distinct_prompts,
+)
 
 VLLM_BIN = Path(sys.executable).with_name("vllm")
 VLLM = "vllm"
 VLLM_AT_OUR_BLOCK = "vllm-bs"
-#: vLLM 0.32's CPU default block size (``vllm/platforms/cpu.py``).
-VLLM_CPU_BLOCK_SIZE = 128
 CONFIGS = (VLLM, VLLM_AT_OUR_BLOCK, "infinigen", "dense")
 #: What the tables read from a ``--save-result`` file: (key, label).
 METRICS = (

@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -69,12 +68,24 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from workloads import (
+    REPO,
+    RESULTS,
+    VLLM_CPU_BLOCK_SIZE,
+    commit,
+    cpu_model,
+    stdlib_ids,
+)
+
+from vllm_infinigen.engine.policies.registry import POLICIES
+from vllm_infinigen.patches.platform_config import DEFAULT_CPU_BLOCK_SIZE
+
 #: Every registered policy, then InfiniGen read through staging (the GPU
 #: shape: the selected blocks copied into a staging buffer before the kernel).
 STAGED = "infinigen-staging"
-SERIES = ("dense", "infinigen", "quest", "h2o", "streaming", STAGED)
+SERIES = (*POLICIES, STAGED)
+#: The child kind of vLLM's own backend (one engine per block size measured;
+#: each is a series named :func:`baseline_name`).
 BASELINE = "baseline"
 FULL_FETCH = "full-KV fetch"
 TAG = "SPEED "
@@ -85,19 +96,13 @@ SHORT_CONTEXT = 128
 # --------------------------------------------------------------------- prompts
 
 
-def prompt_ids(tokenizer: Any, tokens: int, seed: int) -> list[int]:
-    """Exactly ``tokens`` token ids of Python standard-library source text;
-    ``seed`` picks where in the (sorted) list of modules the text starts."""
-    from vllm_infinigen.method.calibration_text import stdlib_dir
+def baseline_name(block_size: int) -> str:
+    """The series of vLLM's own backend at ``block_size`` (0: its default)."""
+    return f"vllm-{block_size or VLLM_CPU_BLOCK_SIZE}"
 
-    files = sorted(stdlib_dir().glob("*.py"))
-    ids: list[int] = []
-    index = seed * 11
-    while len(ids) < tokens:
-        chunk = files[index % len(files)].read_text(encoding="utf-8", errors="replace")
-        ids += tokenizer(chunk)["input_ids"]
-        index += 1
-    return ids[:tokens]
+
+def is_baseline(series: str) -> bool:
+    return series.startswith("vllm-")
 
 
 def policy_options(series: str, budget: float) -> dict[str, Any]:
@@ -149,7 +154,7 @@ def run_child(args: argparse.Namespace) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts = [
-        TokensPrompt(prompt_token_ids=prompt_ids(tokenizer, args.context, seed))
+        TokensPrompt(prompt_token_ids=stdlib_ids(tokenizer, args.context, seed))
         for seed in range(args.max_batch)
     ]
     ours = args.child == "infinigen"
@@ -161,8 +166,8 @@ def run_child(args: argparse.Namespace) -> None:
         }
         kwargs["attention_backend"] = "INFINIGEN"
         kwargs["additional_config"] = {"infinigen": initial}
-    elif args.baseline_block_size:
-        kwargs["block_size"] = args.baseline_block_size
+    if args.block_size:  # 0: vLLM's default (the baseline as users get it)
+        kwargs["block_size"] = args.block_size
     start = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -179,8 +184,6 @@ def run_child(args: argparse.Namespace) -> None:
     if ours:
         # Every policy's device metadata is kept from the first prefill on,
         # so the cached prompts serve every policy (one prefill per engine).
-        from vllm_infinigen.engine.policies.registry import POLICIES
-
         tracked = llm.collective_rpc("infinigen_track", args=(list(POLICIES),))[0]
     # Warm the kernels on a text no timed prompt starts with.
     marker = tokenizer("# warm-up\n")["input_ids"]
@@ -221,7 +224,7 @@ def run_child(args: argparse.Namespace) -> None:
         batch, policy = order["batch"], order.get("policy", BASELINE)
         if cmd == "short":
             shorts = [
-                TokensPrompt(prompt_token_ids=prompt_ids(tokenizer, SHORT_CONTEXT, s))
+                TokensPrompt(prompt_token_ids=stdlib_ids(tokenizer, SHORT_CONTEXT, s))
                 for s in range(1000, 1000 + batch)
             ]
             llm.generate(shorts, SamplingParams(max_tokens=2, ignore_eos=True))
@@ -253,9 +256,15 @@ class Engine:
     """A child engine process and the orders it takes."""
 
     def __init__(
-        self, args: argparse.Namespace, kind: str, context: int, core: int
+        self,
+        args: argparse.Namespace,
+        kind: str,
+        context: int,
+        core: int,
+        block_size: int,
     ) -> None:
         self.kind = kind
+        self.name = "infinigen" if kind != BASELINE else baseline_name(block_size)
         cmd = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -275,15 +284,15 @@ class Engine:
             args.options,
             "--dtype",
             args.dtype,
-            "--baseline-block-size",
-            str(args.baseline_block_size or 0),
+            "--block-size",
+            str(block_size),
         ]
         env = dict(os.environ)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kvcache_gib)
         if (os.cpu_count() or 1) > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
         self.log: IO[str] = open(  # noqa: SIM115 (closed in close())
-            RESULTS / f".speed-{kind}-{context}.log", "w"
+            RESULTS / f".speed-{self.name}-{context}.log", "w"
         )
         self.proc = subprocess.Popen(
             cmd,
@@ -338,7 +347,7 @@ class Engine:
         self.log.flush()
         tail = Path(self.log.name).read_text()[-4000:]
         raise RuntimeError(
-            f"{self.kind} engine ended ({self.proc.returncode}):\n{tail}"
+            f"{self.name} engine ended ({self.proc.returncode}):\n{tail}"
         )
 
     def order(self, **order: Any) -> None:
@@ -441,42 +450,74 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_context(
     args: argparse.Namespace, context: int, batches: list[int], started: float
 ) -> dict[str, Any]:
-    """Both engines at one context length: prefill, then interleaved rounds."""
+    """Every engine at one context length: prefill, then interleaved rounds.
+
+    vLLM's engines (one per ``--baseline-block-sizes``) share core 0, where
+    only one of them ever runs: the first prefills next to INFINIGEN's (each
+    on its own core, so both TTFTs see the same memory traffic), the others
+    after them, alone."""
 
     def say(text: str) -> None:
         print(
             f"  [{time.perf_counter() - started:6.0f} s] {context}: {text}", flush=True
         )
 
-    base = Engine(args, BASELINE, context, core=0)
-    ours = Engine(args, "infinigen", context, core=1)
+    bases = [
+        Engine(args, BASELINE, context, core=0, block_size=size)
+        for size in args.baseline_block_sizes
+    ]
+    ours = Engine(args, "infinigen", context, core=1, block_size=args.block_size)
+    engines = [*bases, ours]
+
+    def only(engine: Engine) -> None:
+        """Let ``engine`` run; stop every other."""
+        for other in engines:
+            if other is not engine:
+                other.hold(True)
+        engine.hold(False)
+
     try:
-        ready = both([base, ours], "ready")
-        say(f"engines ready ({ready[0]['seconds']:.0f} s, {ready[1]['seconds']:.0f} s)")
-        if (os.cpu_count() or 1) > 1:
-            pinned = [base.pin_scheduler(1), ours.pin_scheduler(0)]
-            say(f"EngineCore processes {pinned} bound to the other engine's core")
-        prefilled = both([base, ours], "prefilled", cmd="prefill")
+        ready = both(engines, "ready")
         say(
-            f"prefilled {args.max_batch_of[context]} prompts "
-            f"({prefilled[0]['seconds']:.0f} s, {prefilled[1]['seconds']:.0f} s)"
+            "engines ready ("
+            + ", ".join(
+                f"{e.name} {r['seconds']:.0f} s"
+                for e, r in zip(engines, ready, strict=True)
+            )
+            + ")"
+        )
+        if (os.cpu_count() or 1) > 1:
+            pinned = [b.pin_scheduler(1) for b in bases] + [ours.pin_scheduler(0)]
+            say(f"EngineCore processes {pinned} bound to the other engine's core")
+        for later in bases[1:]:
+            later.hold(True)
+        prefill: dict[str, dict[str, Any]] = {}
+        first = both([bases[0], ours], "prefilled", cmd="prefill")
+        prefill[bases[0].name], prefill[ours.name] = first
+        for later in bases[1:]:
+            only(later)
+            prefill[later.name] = later.ask("prefilled", cmd="prefill")
+            prefill[later.name]["alone"] = True
+        say(
+            f"prefilled {args.max_batch_of[context]} prompts ("
+            + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in prefill.items())
+            + ")"
         )
         shapes = []
         for batch in batches:
-            rounds: dict[str, list[dict[str, Any]]] = {BASELINE: []}
+            rounds: dict[str, list[dict[str, Any]]] = {b.name: [] for b in bases}
             rounds.update({p: [] for p in args.policies})
             for _ in range(args.repeats):
-                ours.hold(True)  # the waiting engine takes no core
-                rounds[BASELINE].append(
-                    base.ask("measured", cmd="measure", batch=batch)
-                )
-                ours.hold(False)
-                base.hold(True)
+                for base in bases:
+                    only(base)  # the waiting engines take no core
+                    rounds[base.name].append(
+                        base.ask("measured", cmd="measure", batch=batch)
+                    )
+                only(ours)
                 for policy in args.policies:
                     rounds[policy].append(
                         ours.ask("measured", cmd="measure", batch=batch, policy=policy)
                     )
-                base.hold(False)
                 say(
                     f"x{batch}: "
                     + ", ".join(
@@ -485,29 +526,37 @@ def run_context(
                     )
                     + " tok/s"
                 )
-            ours.hold(True)
+            runs = {name: median_run(r) for name, r in rounds.items()}
+            # The non-KV part of the step, in the fastest vLLM engine.
+            fastest = max(bases, key=lambda b: runs[b.name]["decode_tok_s"])
+            only(fastest)
             short = [
-                base.ask("measured", cmd="short", batch=batch)
+                fastest.ask("measured", cmd="short", batch=batch)
                 for _ in range(args.repeats)
             ]
-            ours.hold(False)
             shapes.append(
                 {
                     "context": context,
                     "batch": batch,
-                    "runs": {name: median_run(runs) for name, runs in rounds.items()},
+                    "runs": runs,
                     "short": median_run(short),
+                    "short_from": fastest.name,
                 }
             )
+        for engine in engines:
+            engine.hold(False)
         return {
             "context": context,
-            "ready_s": [r["seconds"] for r in ready],
-            "prefill": {BASELINE: prefilled[0], "infinigen": prefilled[1]},
+            "ready_s": {
+                e.name: r["seconds"] for e, r in zip(engines, ready, strict=True)
+            },
+            "prefill": prefill,
+            "ttft_pair": [bases[0].name, ours.name],
             "shapes": shapes,
         }
     finally:
-        base.close()
-        ours.close()
+        for engine in engines:
+            engine.close()
 
 
 def kv_bytes(stats: dict[str, Any], num_layers: int) -> dict[str, float]:
@@ -541,13 +590,18 @@ def prefix_agreement(ref: list[list[int]], other: list[list[int]]) -> float:
 
 
 def summarise(
-    shape: dict[str, Any], num_layers: int, gbps: float
+    shape: dict[str, Any], num_layers: int, gbps: float, our_block: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Measured rows (baseline first, then each policy) and modelled
-    transfer rows of one shape."""
+    """Measured rows (vLLM's engines first, then each policy) and modelled
+    transfer rows of one shape. Ratios are against the fastest vLLM engine
+    (``speed_ratio``) and against vLLM at INFINIGEN's block size
+    (``vs_same_block``, where that engine ran)."""
     context, batch = shape["context"], shape["batch"]
     runs = shape["runs"]
-    ref = runs[BASELINE]
+    bases = {name: run for name, run in runs.items() if is_baseline(name)}
+    best = max(bases, key=lambda name: bases[name]["decode_tok_s"])
+    ref = bases[best]
+    same = bases.get(baseline_name(our_block))
     step = batch / ref["decode_tok_s"]  # seconds per decode step
     rest = min(batch / shape["short"]["decode_tok_s"], step)
     kv_part = step - rest
@@ -561,15 +615,17 @@ def summarise(
     measured = [
         {
             **common,
-            "policy": BASELINE,
-            "decode_tok_s": ref["decode_tok_s"],
-            "step_s": step,
-            "speed_ratio": 1.0,
+            "policy": name,
+            "decode_tok_s": run["decode_tok_s"],
+            "step_s": batch / run["decode_tok_s"],
+            "speed_ratio": run["decode_tok_s"] / ref["decode_tok_s"],
+            "fastest_vllm": name == best,
             "kv_bytes_per_token": full_token,
             "bytes_ratio": 1.0,
             "ceiling": 1.0,
             "kv_part_of_step": kv_part / step,
         }
+        for name, run in bases.items()
     ]
     modelled = [
         {
@@ -581,7 +637,7 @@ def summarise(
         }
     ]
     for policy, run in runs.items():
-        if policy == BASELINE:
+        if policy in bases:
             continue
         c = counted[policy]
         total = run["stats"]["total"]
@@ -594,6 +650,9 @@ def summarise(
                 "decode_tok_s": run["decode_tok_s"],
                 "step_s": batch / run["decode_tok_s"],
                 "speed_ratio": run["decode_tok_s"] / ref["decode_tok_s"],
+                "vs_same_block": (
+                    None if same is None else run["decode_tok_s"] / same["decode_tok_s"]
+                ),
                 "kv_bytes_per_token": c["read"],
                 "bytes_ratio": share,
                 "ceiling": step / (rest + share * kv_part),
@@ -622,7 +681,6 @@ def summarise(
 
 #: One colour per series in every panel.
 COLOURS = {
-    BASELINE: "#4d4d4d",
     FULL_FETCH: "#4d4d4d",
     "dense": "#9e9e9e",
     "infinigen": "#d62728",
@@ -631,7 +689,20 @@ COLOURS = {
     "streaming": "#ff7f0e",
     STAGED: "#8c564b",
 }
-LABELS = {BASELINE: "dense vLLM (baseline)", FULL_FETCH: "full-KV fetch"}
+#: vLLM's engines in greys, the first (its default block size) darkest.
+BASELINE_GREYS = ("#4d4d4d", "#7a7a7a", "#b0b0b0", "#d0d0d0")
+
+
+def colour(name: str, bases: list[str]) -> str | None:
+    if name in bases:
+        return BASELINE_GREYS[bases.index(name) % len(BASELINE_GREYS)]
+    return COLOURS.get(name)
+
+
+def label(name: str) -> str:
+    if is_baseline(name):
+        return f"vLLM's backend, block {name.split('-', 1)[1]}"
+    return "full-KV fetch" if name == FULL_FETCH else name
 
 
 def plot(
@@ -647,6 +718,9 @@ def plot(
     import matplotlib.pyplot as plt
 
     configs = sorted({(r["context"], r["batch"]) for r in measured})
+    bases = list(
+        dict.fromkeys(r["policy"] for r in measured if is_baseline(r["policy"]))
+    )
     labels = [f"{c // 1024}K x{b}" for c, b in configs]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
 
@@ -673,8 +747,8 @@ def plot(
                     xs,
                     values,
                     width,
-                    label=LABELS.get(name, name),
-                    color=COLOURS.get(name),
+                    label=label(name),
+                    color=colour(name, bases),
                 )
             )
         ax.set_xticks(range(len(configs)), labels)
@@ -683,10 +757,10 @@ def plot(
 
     policies = list(dict.fromkeys(r["policy"] for r in measured))
     ax = axes[0][0]
-    bars(ax, measured, "speed_ratio", [p for p in policies if p != BASELINE], 1.0)
+    bars(ax, measured, "speed_ratio", policies, 1.0)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_ylabel("decode tokens/s / dense vLLM")
-    ax.set_title("Measured decode speed vs dense vLLM (CPU, same run)")
+    ax.set_ylabel("decode tokens/s / fastest vLLM engine")
+    ax.set_title("Measured decode speed vs the faster vLLM block size (CPU, same run)")
     ax = axes[0][1]
     bars(ax, measured, "kv_bytes_per_token", policies, 1e-6)
     ax.set_ylabel("MB of KV read per decoded token")
@@ -720,8 +794,8 @@ def plot(
         [x - 0.18 for x in xs],
         [r["baseline_ttft_s"] for r in ttft],
         0.36,
-        label=LABELS[BASELINE],
-        color=COLOURS[BASELINE],
+        label=label(ttft[0]["baseline"]) if ttft else "vLLM",
+        color=BASELINE_GREYS[0],
     )
     ax.bar(
         [x + 0.18 for x in xs],
@@ -753,18 +827,6 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> st
     return "\n".join(lines)
 
 
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores, {name}"
-
-
 def parse_shapes(values: list[str]) -> dict[int, list[int]]:
     """``["16384x4", "8192x4", "8192x8"]`` -> ``{16384: [4], 8192: [4, 8]}``
     (contexts in the order given: the run measures them in that order)."""
@@ -779,19 +841,19 @@ def estimate_s(
     plan: dict[int, list[int]], policies: int, args: argparse.Namespace
 ) -> float:
     """Rough run time on this 2-core machine: ~90 s of engine start, prefill
-    of every prompt in both engines at once (~54 tokens/s at 2K, ~29 at 8K,
-    ~21 at 16K per engine, each on its own core; cold TTFTs of earlier
-    runs), and per round a timed and (first time) a warm-up decode per
-    policy and the baseline, at ~0.1 s per step plus ~3 ms per request and
-    1K tokens of context. Prefill ran faster in this engine's runs (4 x 16K
-    in 17 minutes)."""
+    of every prompt (~54 tokens/s at 2K, ~29 at 8K, ~21 at 16K per engine;
+    cold TTFTs of earlier runs) in the first vLLM engine and INFINIGEN's at
+    once, then in each further vLLM engine alone, and per round a timed and
+    (first time) a warm-up decode per policy and vLLM engine, at ~0.1 s per
+    step plus ~3 ms per request and 1K tokens of context."""
+    bases = len(args.baseline_block_sizes)
     total = 0.0
     for context, batches in plan.items():
         rate = 54 * (2048 / context) ** 0.45
-        total += 90 + max(batches) * context / rate
+        total += 90 + bases * max(batches) * context / rate
         for batch in batches:
             step = 0.1 + 0.003 * batch * context / 1024
-            runs = (policies + 1) * (args.repeats + 1) + args.repeats
+            runs = (policies + bases) * (args.repeats + 1) + args.repeats
             total += runs * (args.decode_tokens * step + 2)
     return total
 
@@ -827,11 +889,19 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="JSON infinigen options")
     parser.add_argument("--dtype", default="float32", help="float32 on AVX2 CPUs")
     parser.add_argument(
-        "--baseline-block-size",
+        "--block-size",
         type=int,
-        default=0,
-        help="KV block size of the baseline engine (0: vLLM's default, 128 on "
-        "CPU; INFINIGEN uses 32 unless --options says otherwise)",
+        default=DEFAULT_CPU_BLOCK_SIZE,
+        help="INFINIGEN's KV block size (its CPU default: %(default)s)",
+    )
+    parser.add_argument(
+        "--baseline-block-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one vLLM engine per block size, the fastest taken as the "
+        f"baseline (0: vLLM's default, {VLLM_CPU_BLOCK_SIZE} on CPU; default: "
+        "vLLM's default and --block-size)",
     )
     parser.add_argument(
         "--kvcache-gib", type=int, default=3, help="VLLM_CPU_KVCACHE_SPACE (GiB)"
@@ -858,6 +928,11 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
+    if args.baseline_block_sizes is None:
+        args.baseline_block_sizes = [0, args.block_size]
+    # One engine per distinct size (0 and 128 are the same engine on CPU).
+    sizes = {baseline_name(b): b for b in args.baseline_block_sizes}
+    args.baseline_block_sizes = list(sizes.values())
     if args.quick:
         args.shapes, args.decode_tokens, args.repeats = ["2048x1", "2048x4"], 16, 2
     out = Path(
@@ -883,6 +958,7 @@ def main() -> None:
     config = json.loads((Path(args.model) / "config.json").read_text())
     num_layers = int(config["num_hidden_layers"])
     started = time.perf_counter()
+    args.commit = commit()
     measured: list[dict[str, Any]] = []
     modelled: list[dict[str, Any]] = []
     ttft: list[dict[str, Any]] = []
@@ -895,10 +971,12 @@ def main() -> None:
             print(error, file=sys.stderr, flush=True)
             failures.append(str(error))
             continue
-        base, ours = result["prefill"][BASELINE], result["prefill"]["infinigen"]
+        pair = result["ttft_pair"]
+        base, ours = (result["prefill"][name] for name in pair)
         ttft.append(
             {
                 "context": context,
+                "baseline": pair[0],
                 "baseline_ttft_s": base["ttft_s"],
                 "infinigen_ttft_s": ours["ttft_s"],
                 "ratio": ours["ttft_s"] / base["ttft_s"],
@@ -906,7 +984,9 @@ def main() -> None:
             }
         )
         for shape in result["shapes"]:
-            rows, model_rows = summarise(shape, num_layers, args.pcie_gbps)
+            rows, model_rows = summarise(
+                shape, num_layers, args.pcie_gbps, args.block_size
+            )
             measured += rows
             modelled += model_rows
             for run in [*shape["runs"].values(), shape["short"]]:
@@ -970,7 +1050,8 @@ def report(
         json.dumps(
             {
                 "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
-                "machine": machine(),
+                "machine": cpu_model(),
+                "commit": args.commit,
                 "model": args.model,
                 "dtype": args.dtype,
                 "seconds": seconds,

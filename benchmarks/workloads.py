@@ -21,6 +21,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PG19 = REPO.parent / "shared" / "data" / "pg19_firstbook.txt"
+#: vLLM 0.32's CPU default KV block size (``vllm/platforms/cpu.py``).
+VLLM_CPU_BLOCK_SIZE = 128
 #: Modules between two requests' starting points in the standard library.
 STDLIB_STRIDE = 11
 
