@@ -18,18 +18,23 @@ shared prefix would let dense attention read the same few megabytes per
 layer from the CPU cache for every request and hide the cost sparse decode
 removes.
 
-How one context length runs: both engines start together, each worker bound
-to its own core (``VLLM_CPU_OMP_THREADS_BIND``) and each EngineCore process,
-which polls for its worker's results at full speed, to the other engine's
-core (left free, it lands now and then on its own worker's core and halves
-that round's speed), and prefill their prompts at
-the same time (a cold 8K prompt takes a minute or two here, 16K about 13
-minutes). The engines then take orders one at a time, so that exactly one
-decodes while the other waits, stopped (SIGSTOP: a waiting EngineCore that
-kept polling took half of the timed worker's core in some rounds): every
-timed round measures the baseline and then each policy, and rounds repeat
+How one context length runs: every engine is a child process that runs
+vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no EngineCore process
+polling beside the worker), its compute bound to one core
+(``VLLM_CPU_OMP_THREADS_BIND``): vLLM's engines (``--baseline-block-sizes``,
+by default vLLM's own default and INFINIGEN's block size) on core 0,
+INFINIGEN's on core 1. The engines start one after another; the first vLLM
+engine and INFINIGEN's then prefill their prompts at the same time (a cold
+8K prompt takes a minute or two here, 16K about 13 minutes), the other vLLM
+engines after them, alone. For decoding every engine is moved to core 0
+(the two cores of this virtual machine differ, and drift, with the host's
+load). The engines then take orders one at a time, so that exactly one
+decodes while the others wait, stopped (SIGSTOP): every timed round
+measures each vLLM engine and then each policy, and rounds repeat
 (``--repeats``; the median is kept), so the machine's drift falls on all of
-them alike. Every timed request decodes
+them alike. Ratios are against the fastest vLLM engine of the shape (the
+configuration a user would pick instead); the ``dense`` policy is also
+compared with vLLM at INFINIGEN's block size. Every timed request decodes
 from the prefix cache (it does not prefill).
 
 Measured, per shape and policy:
@@ -89,6 +94,8 @@ SERIES = (*POLICIES, STAGED)
 BASELINE = "baseline"
 FULL_FETCH = "full-KV fetch"
 TAG = "SPEED "
+#: The core every engine decodes on (each prefills on its own first).
+DECODE_CORE = 0
 #: Tokens of each short prompt that times the non-KV part of a decode step.
 SHORT_CONTEXT = 128
 
@@ -103,6 +110,13 @@ def baseline_name(block_size: int) -> str:
 
 def is_baseline(series: str) -> bool:
     return series.startswith("vllm-")
+
+
+def tracked_policies(series: list[str]) -> list[str]:
+    """The engine policies behind the measured series (the staged series is
+    InfiniGen's)."""
+    names = {"infinigen" if s == STAGED else s for s in series}
+    return [p for p in POLICIES if p in names]
 
 
 def policy_options(series: str, budget: float) -> dict[str, Any]:
@@ -182,9 +196,13 @@ def run_child(args: argparse.Namespace) -> None:
     )
     tracked: list[str] = []
     if ours:
-        # Every policy's device metadata is kept from the first prefill on,
-        # so the cached prompts serve every policy (one prefill per engine).
-        tracked = llm.collective_rpc("infinigen_track", args=(list(POLICIES),))[0]
+        # The measured policies' device metadata is kept from the first
+        # prefill on, so the cached prompts serve each of them (one prefill
+        # per engine); policies not measured are not tracked (their upkeep
+        # would slow every one measured).
+        tracked = llm.collective_rpc(
+            "infinigen_track", args=(tracked_policies(args.policies),)
+        )[0]
     # Warm the kernels on a text no timed prompt starts with.
     marker = tokenizer("# warm-up\n")["input_ids"]
     llm.generate(
@@ -282,6 +300,8 @@ class Engine:
             str(args.decode_tokens),
             "--options",
             args.options,
+            "--policies",
+            *args.policies,
             "--dtype",
             args.dtype,
             "--block-size",
@@ -289,6 +309,7 @@ class Engine:
         ]
         env = dict(os.environ)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kvcache_gib)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if (os.cpu_count() or 1) > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
         self.log: IO[str] = open(  # noqa: SIM115 (closed in close())
@@ -304,31 +325,17 @@ class Engine:
             cwd=REPO,
         )
 
-    def pin_scheduler(self, core: int) -> list[int]:
-        """Bind this engine's EngineCore process (every thread) to ``core``.
-
-        vLLM's EngineCore polls for its worker's results while the worker
-        computes, using a whole core. Left to the OS it sometimes lands on
-        its own worker's core and halves that worker's speed, at random
-        from one round to the next (rounds that differed 2x); bound to the
-        other core it only ever shares it with the other engine, which
-        waits while this one decodes. Returns the pinned pids."""
-        pinned = []
-        for pid in _descendants(self.proc.pid):
-            if not (_comm(pid) or "").startswith("VLLM::EngineCor"):
-                continue
+    def move_to(self, core: int) -> None:
+        """Bind every thread of this engine's process to ``core``."""
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             try:
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    os.sched_setaffinity(int(task.name), {core})
-                pinned.append(pid)
-            except (OSError, ValueError):
+                os.sched_setaffinity(int(task.name), {core})
+            except OSError:  # a thread that has just ended
                 continue
-        return pinned
 
     def hold(self, stop: bool) -> None:
         """Stop (SIGSTOP) or continue (SIGCONT) this engine's processes: a
-        waiting engine's EngineCore may keep polling and take a core from
-        the engine being timed."""
+        waiting engine takes no core from the engine being timed."""
         sig = signal.SIGSTOP if stop else signal.SIGCONT
         for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
             try:
@@ -462,12 +469,16 @@ def run_context(
             f"  [{time.perf_counter() - started:6.0f} s] {context}: {text}", flush=True
         )
 
-    bases = [
-        Engine(args, BASELINE, context, core=0, block_size=size)
-        for size in args.baseline_block_sizes
-    ]
-    ours = Engine(args, "infinigen", context, core=1, block_size=args.block_size)
-    engines = [*bases, ours]
+    # One at a time: engines starting together (weights loading, INFINIGEN's
+    # calibration) left too little free memory for the next one's KV cache.
+    engines: list[Engine] = []
+    ready: list[dict[str, Any]] = []
+
+    def start(kind: str, core: int, block_size: int) -> Engine:
+        engine = Engine(args, kind, context, core=core, block_size=block_size)
+        engines.append(engine)
+        ready.append(engine.read("ready"))
+        return engine
 
     def only(engine: Engine) -> None:
         """Let ``engine`` run; stop every other."""
@@ -477,7 +488,8 @@ def run_context(
         engine.hold(False)
 
     try:
-        ready = both(engines, "ready")
+        ours = start("infinigen", 1, args.block_size)
+        bases = [start(BASELINE, 0, size) for size in args.baseline_block_sizes]
         say(
             "engines ready ("
             + ", ".join(
@@ -486,9 +498,6 @@ def run_context(
             )
             + ")"
         )
-        if (os.cpu_count() or 1) > 1:
-            pinned = [b.pin_scheduler(1) for b in bases] + [ours.pin_scheduler(0)]
-            say(f"EngineCore processes {pinned} bound to the other engine's core")
         for later in bases[1:]:
             later.hold(True)
         prefill: dict[str, dict[str, Any]] = {}
@@ -503,6 +512,10 @@ def run_context(
             + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in prefill.items())
             + ")"
         )
+        # Decode on one core for all: only one engine runs at a time, and the
+        # two cores of this machine are not alike (a neighbour's load).
+        for engine in engines:
+            engine.move_to(DECODE_CORE)
         shapes = []
         for batch in batches:
             rounds: dict[str, list[dict[str, Any]]] = {b.name: [] for b in bases}
@@ -904,7 +917,10 @@ def main() -> None:
         "vLLM's default and --block-size)",
     )
     parser.add_argument(
-        "--kvcache-gib", type=int, default=3, help="VLLM_CPU_KVCACHE_SPACE (GiB)"
+        "--kvcache-gib",
+        type=int,
+        default=2,
+        help="VLLM_CPU_KVCACHE_SPACE (GiB) of every engine (16K x4 needs 1.5)",
     )
     parser.add_argument("--model", default=None, help="model directory")
     parser.add_argument(

@@ -87,3 +87,11 @@ def test_one_engine_per_distinct_block_size(speed: ModuleType) -> None:
     # vLLM's default (0) is 128 on CPU: asking for both starts one engine.
     assert speed.baseline_name(0) == speed.baseline_name(128) == "vllm-128"
     assert speed.is_baseline("vllm-32") and not speed.is_baseline("dense")
+
+
+def test_only_the_measured_policies_are_tracked(speed: ModuleType) -> None:
+    assert speed.tracked_policies(["dense"]) == ["dense"]
+    assert speed.tracked_policies(["infinigen-staging", "quest"]) == [
+        "infinigen",
+        "quest",
+    ]

@@ -187,12 +187,14 @@ def _measure_step_costs(
     )
     threshold = costs.threshold(runtime.config.budget)
     logger.info(
-        "INFINIGEN decode costs per layer on this CPU (%.1f s probe): vLLM's "
+        "INFINIGEN decode costs per layer on this CPU (%.1f s probe, %d "
+        "threads): vLLM's "
         "kernel %.4f us per context token; choosing blocks %.3f ms + %.4f us "
         "per token, reading budget %.2f of them %.4f us per token: sparse "
         "decode from %s context tokens per step (sparse_min_tokens unset; "
         "set it to override)",
         time.perf_counter() - start,
+        torch.get_num_threads(),
         costs.dense_us_per_token,
         costs.choose_fixed_ms,
         costs.choose_us_per_token,
