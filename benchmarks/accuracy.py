@@ -82,7 +82,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import re
 import statistics
@@ -92,6 +91,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from workloads import cpu_model
 
 from vllm_infinigen.engine.policies.registry import POLICIES as REGISTERED
 from vllm_infinigen.engine.policies.registry import policy_class
@@ -1323,6 +1324,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="qwen2.5-coder-0.5b (default), gemma3-270m, or a model folder",
     )
     add("--dtype", default="float32", help="float32 on AVX2 CPUs")
+    add(
+        "--block-size",
+        type=int,
+        default=None,
+        help="KV block size (default: INFINIGEN's on this platform)",
+    )
     add("--policies", nargs="+", help="sparse policies (infinigen quest | all)")
     add("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     add(
@@ -1513,6 +1520,7 @@ def main() -> None:
         max_num_seqs=max(256, len(requests)),
         logits_processors=[forced_tokens_processor()],
         seed=0,
+        **({} if args.block_size is None else {"block_size": args.block_size}),
     )
     tracked = llm.collective_rpc("infinigen_track", args=(list(args.policies),))
     log(f"engine ready; tracking {tracked[0]}")
@@ -1598,7 +1606,7 @@ def main() -> None:
     }
     result = {
         "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu_model(),
         "model": str(folder),
         "model_name": args.model_name,
         "dtype": args.dtype,

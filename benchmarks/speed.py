@@ -20,22 +20,19 @@ removes.
 
 How one context length runs: every engine is a child process that runs
 vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no EngineCore process
-polling beside the worker), its compute bound to one core
-(``VLLM_CPU_OMP_THREADS_BIND``): vLLM's engines (``--baseline-block-sizes``,
-by default vLLM's own default and INFINIGEN's block size) on core 0,
-INFINIGEN's on core 1. The engines start one after another; the first vLLM
-engine and INFINIGEN's then prefill their prompts at the same time (a cold
-8K prompt takes a minute or two here, 16K about 13 minutes), the other vLLM
-engines after them, alone. For decoding every engine is moved to core 0
-(the two cores of this virtual machine differ, and drift, with the host's
-load). The engines then take orders one at a time, so that exactly one
-decodes while the others wait, stopped (SIGSTOP): every timed round
-measures each vLLM engine and then each policy, and rounds repeat
-(``--repeats``; the median is kept), so the machine's drift falls on all of
-them alike. Ratios are against the fastest vLLM engine of the shape (the
-configuration a user would pick instead); the ``dense`` policy is also
-compared with vLLM at INFINIGEN's block size. Every timed request decodes
-from the prefix cache (it does not prefill).
+polling beside the worker), bound to core 0 (``VLLM_CPU_OMP_THREADS_BIND``;
+the two cores of this virtual machine differ, and drift, with the host's
+load): vLLM's engines (``--baseline-block-sizes``, by default vLLM's own
+default and INFINIGEN's block size) and INFINIGEN's. They start one after
+another and prefill their prompts one after another (a cold 8K prompt
+takes about a minute here, 16K a few), each alone. The engines then take
+orders one at a time, so that exactly one computes while the others wait,
+stopped (SIGSTOP): every timed round measures each vLLM engine and then each
+policy, and rounds repeat (``--repeats``; the median is kept), so the
+machine's drift falls on all of them alike. Ratios are against the fastest
+vLLM engine of the shape (the configuration a user would pick instead); the
+``dense`` policy is also compared with vLLM at INFINIGEN's block size. Every
+timed request decodes from the prefix cache (it does not prefill).
 
 Measured, per shape and policy:
 
@@ -68,7 +65,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -94,8 +90,9 @@ SERIES = (*POLICIES, STAGED)
 BASELINE = "baseline"
 FULL_FETCH = "full-KV fetch"
 TAG = "SPEED "
-#: The core every engine decodes on (each prefills on its own first).
-DECODE_CORE = 0
+#: The core every engine computes on (one engine runs at a time): the two
+#: cores of this virtual machine differ, and drift, with the host's load.
+ENGINE_CORE = 0
 #: Tokens of each short prompt that times the non-KV part of a decode step.
 SHORT_CONTEXT = 128
 
@@ -325,14 +322,6 @@ class Engine:
             cwd=REPO,
         )
 
-    def move_to(self, core: int) -> None:
-        """Bind every thread of this engine's process to ``core``."""
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            try:
-                os.sched_setaffinity(int(task.name), {core})
-            except OSError:  # a thread that has just ended
-                continue
-
     def hold(self, stop: bool) -> None:
         """Stop (SIGSTOP) or continue (SIGCONT) this engine's processes: a
         waiting engine takes no core from the engine being timed."""
@@ -423,29 +412,6 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def both(engines: list[Engine], kind: str, **order: Any) -> list[dict[str, Any]]:
-    """Give every engine the same order and wait for all (they run at once)."""
-    results: list[Any] = [None] * len(engines)
-    errors: list[BaseException] = []
-
-    def one(i: int) -> None:
-        try:
-            results[i] = (
-                engines[i].ask(kind, **order) if order else engines[i].read(kind)
-            )
-        except BaseException as error:  # noqa: BLE001 - re-raised below
-            errors.append(error)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(engines))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(str(errors[0]))
-    return results
-
-
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: float(r["decode_tok_s"]))
     run = dict(ordered[len(ordered) // 2])
@@ -457,20 +423,16 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_context(
     args: argparse.Namespace, context: int, batches: list[int], started: float
 ) -> dict[str, Any]:
-    """Every engine at one context length: prefill, then interleaved rounds.
-
-    vLLM's engines (one per ``--baseline-block-sizes``) share core 0, where
-    only one of them ever runs: the first prefills next to INFINIGEN's (each
-    on its own core, so both TTFTs see the same memory traffic), the others
-    after them, alone."""
+    """Every engine at one context length, one at a time on one core:
+    prefill, then interleaved rounds (module docstring)."""
 
     def say(text: str) -> None:
         print(
             f"  [{time.perf_counter() - started:6.0f} s] {context}: {text}", flush=True
         )
 
-    # One at a time: engines starting together (weights loading, INFINIGEN's
-    # calibration) left too little free memory for the next one's KV cache.
+    # Started one at a time: started together (weights loading, INFINIGEN's
+    # calibration), the third found too little free memory for its KV cache.
     engines: list[Engine] = []
     ready: list[dict[str, Any]] = []
 
@@ -488,8 +450,12 @@ def run_context(
         engine.hold(False)
 
     try:
-        ours = start("infinigen", 1, args.block_size)
-        bases = [start(BASELINE, 0, size) for size in args.baseline_block_sizes]
+        ours = start("infinigen", ENGINE_CORE, args.block_size)
+        ours.hold(True)
+        bases = []
+        for size in args.baseline_block_sizes:
+            bases.append(start(BASELINE, ENGINE_CORE, size))
+            bases[-1].hold(True)
         say(
             "engines ready ("
             + ", ".join(
@@ -498,24 +464,15 @@ def run_context(
             )
             + ")"
         )
-        for later in bases[1:]:
-            later.hold(True)
         prefill: dict[str, dict[str, Any]] = {}
-        first = both([bases[0], ours], "prefilled", cmd="prefill")
-        prefill[bases[0].name], prefill[ours.name] = first
-        for later in bases[1:]:
-            only(later)
-            prefill[later.name] = later.ask("prefilled", cmd="prefill")
-            prefill[later.name]["alone"] = True
+        for engine in engines:  # alone, each on the same core
+            only(engine)
+            prefill[engine.name] = engine.ask("prefilled", cmd="prefill")
         say(
             f"prefilled {args.max_batch_of[context]} prompts ("
             + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in prefill.items())
             + ")"
         )
-        # Decode on one core for all: only one engine runs at a time, and the
-        # two cores of this machine are not alike (a neighbour's load).
-        for engine in engines:
-            engine.move_to(DECODE_CORE)
         shapes = []
         for batch in batches:
             rounds: dict[str, list[dict[str, Any]]] = {b.name: [] for b in bases}
@@ -853,20 +810,19 @@ def parse_shapes(values: list[str]) -> dict[int, list[int]]:
 def estimate_s(
     plan: dict[int, list[int]], policies: int, args: argparse.Namespace
 ) -> float:
-    """Rough run time on this 2-core machine: ~90 s of engine start, prefill
-    of every prompt (~54 tokens/s at 2K, ~29 at 8K, ~21 at 16K per engine;
-    cold TTFTs of earlier runs) in the first vLLM engine and INFINIGEN's at
-    once, then in each further vLLM engine alone, and per round a timed and
-    (first time) a warm-up decode per policy and vLLM engine, at ~0.1 s per
-    step plus ~3 ms per request and 1K tokens of context."""
-    bases = len(args.baseline_block_sizes)
+    """Rough run time on this machine: ~20 s of start per engine, prefill of
+    every prompt in each engine alone (about 160 tokens/s at 8K x4, slower
+    for longer contexts), and per round a timed and (first time) a warm-up
+    decode per policy and vLLM engine, at ~0.1 s per step plus ~3 ms per
+    request and 1K tokens of context."""
+    engines = len(args.baseline_block_sizes) + 1
     total = 0.0
     for context, batches in plan.items():
-        rate = 54 * (2048 / context) ** 0.45
-        total += 90 + bases * max(batches) * context / rate
+        rate = 160 * (8192 / context) ** 0.5
+        total += engines * (20 + max(batches) * context / rate)
         for batch in batches:
             step = 0.1 + 0.003 * batch * context / 1024
-            runs = (policies + bases) * (args.repeats + 1) + args.repeats
+            runs = (policies + engines - 1) * (args.repeats + 1) + args.repeats
             total += runs * (args.decode_tokens * step + 2)
     return total
 

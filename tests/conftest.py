@@ -20,7 +20,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 def load_benchmark(script: str) -> ModuleType:
     """A script of ``benchmarks/`` imported as module ``benchmark_<name>``
-    (the scripts are not a package)."""
+    (the scripts are not a package). Its folder goes on ``sys.path``, as
+    when it runs as a script, so that it finds its siblings
+    (``workloads``)."""
+    folder = str(REPO_ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
     name = f"benchmark_{Path(script).stem}"
     spec = importlib.util.spec_from_file_location(
         name, REPO_ROOT / "benchmarks" / script

@@ -55,6 +55,7 @@ def test_planning_imports_no_vllm() -> None:
     # --plan and these tests must not pay for (or start) an engine
     code = (
         "import importlib.util, sys\n"
+        f"sys.path.append({str(ACCURACY.parent)!r})\n"
         f"spec = importlib.util.spec_from_file_location('a', {str(ACCURACY)!r})\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "sys.modules['a'] = module\n"
