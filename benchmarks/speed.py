@@ -215,7 +215,6 @@ def run_child(args: argparse.Namespace) -> None:
     timed = SamplingParams(
         max_tokens=args.decode_tokens, temperature=0, ignore_eos=True
     )
-    warmed: set[tuple[int, str]] = set()
     for line in sys.stdin:
         order = json.loads(line)
         cmd = order["cmd"]
@@ -252,9 +251,10 @@ def run_child(args: argparse.Namespace) -> None:
             effective = llm.collective_rpc(
                 "infinigen_configure", args=(policy_options(policy, args.budget),)
             )[0]
-        if (batch, policy) not in warmed:
-            warmed.add((batch, policy))
-            llm.generate(prompts[:batch], SamplingParams(max_tokens=2, ignore_eos=True))
+        # Untimed steps of the same batch before every timed run: the
+        # series measured first after its engine resumed (SIGCONT) ran up to
+        # 10% slower than the next one on the same path.
+        llm.generate(prompts[:batch], SamplingParams(max_tokens=2, ignore_eos=True))
         if ours:
             llm.collective_rpc("infinigen_reset_stats")
         run = decode_measure(llm.generate(prompts[:batch], timed))
