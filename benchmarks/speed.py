@@ -358,8 +358,7 @@ class Engine:
     def close(self) -> None:
         """End the engine and every process below it. A held (stopped)
         engine is continued first: stopped, it could neither quit nor act
-        on SIGTERM, and its EngineCore and worker would outlive the run
-        holding their memory."""
+        on SIGTERM, and would outlive the run holding its memory."""
         tree = {pid: _comm(pid) for pid in _descendants(self.proc.pid)}
         if self.proc.poll() is None:
             self.hold(False)

@@ -19,6 +19,22 @@ SEED = 7
 COUNT = 3
 
 
+#: RULER's synthetic tasks without ``qa``, in ``scripts/synthetic.yaml`` order.
+RULER_ORDER = (
+    "niah_single_1",
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+)
+
+
 @pytest.fixture(scope="module")
 def ruler() -> ModuleType:
     # ruler_tasks.py imports its sibling as a script does (benchmarks/ on
@@ -60,19 +76,7 @@ def _queried_keys(sample: Any) -> list[str]:
 
 
 def test_task_list_and_definitions_follow_ruler(ruler: ModuleType) -> None:
-    assert ruler.TASKS == (
-        "niah_single_1",
-        "niah_single_2",
-        "niah_single_3",
-        "niah_multikey_1",
-        "niah_multikey_2",
-        "niah_multikey_3",
-        "niah_multivalue",
-        "niah_multiquery",
-        "vt",
-        "cwe",
-        "fwe",
-    )
+    assert ruler.TASKS == RULER_ORDER
     assert set(ruler.NIAH_TASKS) == {t for t in ruler.TASKS if t.startswith("niah")}
     assert {
         **dict.fromkeys(ruler.NIAH_TASKS, 128),
@@ -93,19 +97,7 @@ def test_task_list_and_definitions_follow_ruler(ruler: ModuleType) -> None:
 
 @pytest.mark.parametrize(
     "task",
-    [
-        "niah_single_1",
-        "niah_single_2",
-        "niah_single_3",
-        "niah_multikey_1",
-        "niah_multikey_2",
-        "niah_multikey_3",
-        "niah_multivalue",
-        "niah_multiquery",
-        "vt",
-        "cwe",
-        "fwe",
-    ],
+    RULER_ORDER,
 )
 def test_prompts_fill_the_context_without_passing_it(
     task: str, samples: dict[str, list[Any]], tokenizer: Any
