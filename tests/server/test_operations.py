@@ -187,6 +187,9 @@ def test_changing_the_budget_changes_what_the_next_request_reads(
     assert abs(_read_share(server) - share) < 0.02
 
 
+STREAM_TOKENS = 96
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
@@ -200,7 +203,9 @@ def test_changing_the_budget_changes_what_the_next_request_reads(
 def test_bad_option_is_400_and_leaves_a_concurrent_request_alone(
     server: Server, body: Any, expected: str
 ) -> None:
-    alone = _complete(server, max_tokens=24)
+    # Long enough that the stream is still decoding when the reply comes back
+    # (24 tokens have finished before the POST returned on a busy host).
+    alone = _complete(server, max_tokens=STREAM_TOKENS)
     result: dict[str, str] = {}
     decoding = threading.Event()
 
@@ -208,7 +213,7 @@ def test_bad_option_is_400_and_leaves_a_concurrent_request_alone(
         chunks = _client(server).completions.create(
             model=SERVED_NAME,
             prompt=_prompt(),
-            max_tokens=24,
+            max_tokens=STREAM_TOKENS,
             temperature=0,
             stream=True,
             extra_body={"ignore_eos": True},
