@@ -18,6 +18,9 @@ shared prefix would let dense attention read the same few megabytes per
 layer from the CPU cache for every request and hide the cost sparse decode
 removes.
 
+Every engine runs the model as users get it, compiled by vLLM (``--eager``:
+every engine with ``--enforce-eager``).
+
 How one context length runs: every engine is a child process that runs
 vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no EngineCore process
 polling beside the worker), bound to core 0 (``VLLM_CPU_OMP_THREADS_BIND``;
@@ -187,7 +190,7 @@ def run_child(args: argparse.Namespace) -> None:
         max_num_batched_tokens=2048,
         max_num_seqs=max(args.max_batch, 8),
         enable_prefix_caching=True,
-        enforce_eager=True,
+        enforce_eager=args.eager,
         disable_log_stats=False,
         **kwargs,
     )
@@ -303,6 +306,7 @@ class Engine:
             args.dtype,
             "--block-size",
             str(block_size),
+            *(["--eager"] if args.eager else []),
         ]
         env = dict(os.environ)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kvcache_gib)
@@ -877,6 +881,12 @@ def main() -> None:
         default=2,
         help="VLLM_CPU_KVCACHE_SPACE (GiB) of every engine (16K x4 needs 1.5)",
     )
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="every engine with --enforce-eager (default: vLLM's compilation, "
+        "as users get it; INFINIGEN keeps it when reading in place)",
+    )
     parser.add_argument("--model", default=None, help="model directory")
     parser.add_argument(
         "--quick", action="store_true", help="2K x1 and x4, 16 tokens, 2 rounds"
@@ -1025,6 +1035,7 @@ def report(
                 "commit": args.commit,
                 "model": args.model,
                 "dtype": args.dtype,
+                "compiled": not args.eager,
                 "seconds": seconds,
                 "estimated_seconds": guess,
                 "policies": args.policies,

@@ -142,6 +142,7 @@ def ray_app() -> Iterator[RayApp]:
                         "dtype": "float32",
                         "max_model_len": 2048,
                         "block_size": 32,
+                        "enforce_eager": True,  # no compile: a minute less
                     },
                     "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
                 }

@@ -33,6 +33,11 @@ def main() -> None:
     parser.add_argument("--infinigen", default="{}", help="JSON infinigen options")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="vLLM's compilation as users get it (else --enforce-eager)",
+    )
+    parser.add_argument(
         "--metrics",
         action="store_true",
         help="include vLLM's counters (preemptions, ...) in the JSON",
@@ -56,7 +61,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=True,
         enable_prefix_caching=False,
-        enforce_eager=True,
+        enforce_eager=not args.compile,
         block_size=args.block_size,
         seed=0,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -37,6 +37,7 @@ def run_engine(
     stats: bool = False,
     tensor_parallel_size: int = 1,
     metrics: bool = False,
+    compile: bool = False,
     **options: Any,
 ) -> tuple[dict[str, Any], str]:
     """Run ``generate_script.py`` in a fresh process; return its JSON and log."""
@@ -61,6 +62,7 @@ def run_engine(
         "--tensor-parallel-size",
         str(tensor_parallel_size),
         *(["--metrics"] if metrics else []),
+        *(["--compile"] if compile else []),
     ]
     env = {}
     if tensor_parallel_size > 1:
@@ -96,6 +98,33 @@ def run_engine_script(
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
+
+
+def test_compiled_model_at_full_budget_matches_compiled_default(
+    qwen_model_dir: Path, tmp_path: Path
+) -> None:
+    """Users' default: vLLM compiles the model and INFINIGEN (reading in
+    place) keeps that; its work runs inside the attention ops."""
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps(mixed_length_prompts(SHARED_DATA)))
+    dense, _ = run_engine(
+        qwen_model_dir, "default", prompts_file, tmp_path / "d.json", compile=True
+    )
+    ours, log = run_engine(
+        qwen_model_dir,
+        "infinigen",
+        prompts_file,
+        tmp_path / "ours.json",
+        compile=True,
+        stats=True,
+        budget=1.0,
+    )
+    assert "enforce_eager=False" in log
+    assert "ahead step runs inside each sparse layer's attention" in log
+    total = ours["stats"]["total"]
+    assert total["steps"] > 0  # the ahead step ran: every decode step counted
+    assert total["dense_steps"] == total["steps"]
+    assert ours["token_ids"] == dense["token_ids"]
 
 
 @pytest.mark.parametrize("model_fixture", ["qwen_model_dir", "gemma_model_dir"])

@@ -22,13 +22,34 @@ def test_infinigen_config_effects(qwen_model_dir: Path) -> None:
         additional_config={"infinigen": {"host_pool_gib": 1.5, "budget": 0.25}},
     )
     assert config.attention_config.backend.name == "INFINIGEN"
-    assert config.model_config.enforce_eager is True
-    assert config.compilation_config.mode == 0  # CompilationMode.NONE
+    # Reading in place on CPU, vLLM's own compilation stays on.
+    assert config.model_config.enforce_eager is False
+    assert config.compilation_config.mode != 0  # not CompilationMode.NONE
     assert config.cache_config.block_size == 32
     assert config.cache_config.kv_cache_memory_bytes == int(1.5 * (1 << 30))
     assert config.parallel_config.worker_extension_cls.endswith(
         "InfiniGenWorkerExtension"
     )
+
+
+@pytest.mark.parametrize(
+    "options", [{"swap_mode": "sync"}, {"query_source": "speculated"}]
+)
+def test_options_that_speculate_ahead_run_eagerly(
+    qwen_model_dir: Path, options: dict[str, object]
+) -> None:
+    config = _engine_config(
+        qwen_model_dir, attention_backend="infinigen", additional_config={"infinigen": options}
+    )
+    assert config.model_config.enforce_eager is True
+    assert config.compilation_config.mode == 0  # CompilationMode.NONE
+
+
+def test_user_enforce_eager_kept(qwen_model_dir: Path) -> None:
+    config = _engine_config(
+        qwen_model_dir, attention_backend="infinigen", enforce_eager=True
+    )
+    assert config.compilation_config.mode == 0
 
 
 def test_user_block_size_kept(qwen_model_dir: Path) -> None:

@@ -50,10 +50,16 @@ class Server:
 PLUGINS_ENV = {"VLLM_PLUGINS": "infinigen,infinigen_api"}
 
 
-def infinigen_args(served_name: str, options: Mapping[str, object]) -> list[str]:
+def infinigen_args(
+    served_name: str, options: Mapping[str, object], *, eager: bool = True
+) -> list[str]:
     """``vllm serve`` arguments of the tests' INFINIGEN server: Qwen in
-    float32 with 32-token blocks, 2048 tokens at most, these options."""
+    float32 with 32-token blocks, 2048 tokens at most, these options;
+    ``eager``: with ``--enforce-eager`` (no compile at start-up, about a
+    minute less per server on two cores; ``tests/server/test_vllm_serve.py``
+    runs the compiled model users get by default)."""
     return [
+        *(["--enforce-eager"] if eager else []),
         "--attention-backend",
         "infinigen",
         "--served-model-name",

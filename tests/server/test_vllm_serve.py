@@ -31,7 +31,8 @@ def server(
     # default threshold for sparse steps.
     options = {"budget": 0.3, "sparse_min_tokens": 0}
     extra = [
-        *infinigen_args(SERVED_NAME, options),
+        # vLLM's compilation on, as a plain `vllm serve` runs.
+        *infinigen_args(SERVED_NAME, options, eager=False),
         # vLLM's automatic KV cache size (no VLLM_CPU_KVCACHE_SPACE), as a
         # user's plain `vllm serve` gets it, on a share of this machine.
         "--gpu-memory-utilization",
@@ -64,6 +65,9 @@ def test_backend_in_use(server: Server) -> None:
     assert "budget=0.3" in log
     assert "swap_mode=in_place" in log  # the default placement on CPU
     assert "INFINIGEN calibration ready" in log
+    # Compiled, the ahead step runs inside each layer's attention op.
+    assert "enforce_eager=False" in log
+    assert "ahead step runs inside each sparse layer's attention" in log
 
 
 def test_automatic_kv_size_leaves_room_for_device_tier(server: Server) -> None:

@@ -49,7 +49,7 @@ from vllm_infinigen.engine.copier import BlockCopier
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, PreparedRead, SparseLayer
 from vllm_infinigen.engine.placement import plan_prefill_gather
 from vllm_infinigen.engine.policies.base import BlockPolicy
-from vllm_infinigen.engine.runtime import KVWrite, plan_kv_write
+from vllm_infinigen.engine.runtime import InfiniGenRuntime, KVWrite, plan_kv_write
 from vllm_infinigen.engine.startup import start_backend
 from vllm_infinigen.method.selection import num_blocks_of
 
@@ -198,6 +198,8 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
             runtime = state.runtime
             meta = attn_metadata
             if meta.num_decodes > 0:
+                if not runtime.hooked:  # compiled model: no pre-hook ran
+                    prepare_decode_step(runtime, state, meta, None)
                 read = runtime.take(state)
                 if read is None and not runtime.ahead:
                     assert meta.decode_block_table is not None
@@ -402,6 +404,36 @@ class InfiniGenCPUImpl(CPUAttentionBackendImpl):
             v_scale=layer._v_scale_float,
             kv_cache_dtype=self.kv_cache_dtype,
         )
+
+
+def prepare_decode_step(
+    runtime: InfiniGenRuntime,
+    layer: SparseLayer,
+    meta: InfiniGenCPUMetadata,
+    hidden: torch.Tensor | None,
+) -> None:
+    """Layer ``layer``'s ahead step of a decode step: from the pre-hook of
+    the previous layer's ``qkv_proj`` (``hidden``: that layer's attention
+    input, eager mode), or first thing in the layer's own attention
+    (``None``: a compiled model, where nothing runs between the graph's
+    ops). Nothing for a step without decode requests."""
+    if not meta.num_decodes:
+        return
+    assert meta.decode_block_table is not None
+    assert meta.decode_seq_lens is not None
+    x = None
+    if hidden is not None and runtime.needs_input(meta.decode_tokens):
+        x = hidden[meta.decode_token_idx]
+    runtime.prepare_ahead(
+        layer,
+        x,
+        meta.decode_block_table,
+        meta.decode_seq_lens,
+        meta.max_decode_seq_len,
+        meta.decode_tokens,
+        extra_slots=meta.num_prefill_blocks,
+        total_blocks=meta.decode_blocks,
+    )
 
 
 def _scatter_tables(

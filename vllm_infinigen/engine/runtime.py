@@ -43,7 +43,7 @@ from vllm_infinigen.engine.cost_probe import NEVER
 from vllm_infinigen.engine.layer_state import LayerInfo, PreparedRead, SparseLayer
 from vllm_infinigen.engine.placement import StagingPlan, plan_in_place, plan_staging
 from vllm_infinigen.engine.policies.base import BlockPolicy, PolicyContext
-from vllm_infinigen.engine.policies.registry import POLICIES, make_policy
+from vllm_infinigen.engine.policies.registry import POLICIES, make_policy, policy_class
 from vllm_infinigen.engine.stats import StepStats, snapshot
 from vllm_infinigen.method.counters import count_selected_blocks
 from vllm_infinigen.method.partial_cache import write_partial_keys, write_residual_sums
@@ -161,6 +161,11 @@ class InfiniGenRuntime:
         self._recall_countdown = 0
         self._recall_turn = 0
         self._recall_layer: SparseLayer | None = None
+        self.hooked = True
+        """The one-layer-ahead pre-hooks are installed (eager mode). Without
+        them (a compiled model) each sparse layer's attention runs its own
+        ahead step first, and an option that would have selection read the
+        previous layer's input is refused (:meth:`reconfigure`)."""
         self._recall_ok = context.key_reader is not None
         if self._recall_ok and context.key_reader_check is not None:
             try:
@@ -200,13 +205,13 @@ class InfiniGenRuntime:
     @property
     def ahead(self) -> bool:
         """The active policy chooses one layer ahead (else at attention)."""
-        policy = self.policy
-        if not policy.scores_either_way:
-            return policy.ahead
-        source = self.config.query_source
-        if source == "auto":  # lead time only pays where a copy can use it
-            return not self.in_place
-        return source == "speculated"
+        return chooses_ahead(self.policy, self.config.query_source, self.in_place)
+
+    @property
+    def speculates(self) -> bool:
+        """Selection reads the previous layer's attention input (InfiniGen's
+        speculated query), which only the pre-hooks hand over."""
+        return self.ahead and self.policy.uses_layer_input
 
     @property
     def in_place(self) -> bool:
@@ -351,7 +356,7 @@ class InfiniGenRuntime:
         elif not self.ahead:
             return  # chosen at attention, from the layer's own query
         else:
-            assert x is not None
+            assert x is not None or not self.policy.uses_layer_input
             scores = self.policy.scores_ahead(layer, x, table, seq_lens, self.selection)
             selection = self._select(layer, scores, seq_lens)
         self._prepare(layer, selection, table, seq_lens, extra_slots, start)
@@ -359,7 +364,7 @@ class InfiniGenRuntime:
     def needs_input(self, total_tokens: int) -> bool:
         """Whether :meth:`prepare_ahead` reads the previous layer's input."""
         return (
-            self.ahead
+            self.speculates
             and not self.policy.reads_everything
             and total_tokens >= self.sparse_min_tokens
         )
@@ -488,6 +493,19 @@ class InfiniGenRuntime:
         Returns the effective options.
         """
         config = self.config.changed(options)
+        if not self.hooked:
+            policy = policy_class(config.policy)
+            in_place = config.swap_mode == "in_place"
+            if policy.uses_layer_input and chooses_ahead(
+                policy, config.query_source, in_place
+            ):
+                raise ValueError(
+                    f"infinigen policy {config.policy!r} with swap_mode "
+                    f"{config.swap_mode!r} and query_source {config.query_source!r} "
+                    "speculates from the previous layer's input, which needs "
+                    "eager mode: set these options at start-up (or start with "
+                    "--enforce-eager) to change them while serving"
+                )
         if any(layer.pending is not None for layer in self.sparse.values()):
             raise RuntimeError("INFINIGEN: reconfigure called during a step")
         self.track([config.policy])
@@ -635,3 +653,15 @@ class InfiniGenRuntime:
     def shutdown(self) -> None:
         if self.copier is not None:
             self.copier.shutdown()
+
+
+def chooses_ahead(
+    policy: BlockPolicy | type[BlockPolicy], query_source: str, in_place: bool
+) -> bool:
+    """Whether ``policy`` chooses one layer ahead (else at attention) with
+    ``query_source``, reading in place or through staging."""
+    if not policy.scores_either_way:
+        return policy.ahead
+    if query_source == "auto":  # lead time only pays where a copy can use it
+        return not in_place
+    return query_source == "speculated"

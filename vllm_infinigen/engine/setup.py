@@ -21,7 +21,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from vllm_infinigen.config import DEFAULT_CONFIG, InfiniGenConfig
-from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata
+from vllm_infinigen.engine.cpu_backend import InfiniGenCPUMetadata, prepare_decode_step
 from vllm_infinigen.engine.layer_state import LAYER_ATTR, LayerInfo, SparseLayer
 from vllm_infinigen.engine.policies.base import PolicyContext
 from vllm_infinigen.engine.runtime import InfiniGenRuntime
@@ -93,22 +93,8 @@ def _make_hook(runtime: InfiniGenRuntime, target: SparseLayer) -> PreHook:
         if not isinstance(all_metadata, dict):
             return
         meta = all_metadata.get(name)
-        if not isinstance(meta, InfiniGenCPUMetadata) or not meta.num_decodes:
-            return
-        assert meta.decode_block_table is not None
-        assert meta.decode_seq_lens is not None
-        needs_input = runtime.needs_input(meta.decode_tokens)
-        x = args[0][meta.decode_token_idx] if needs_input else None
-        runtime.prepare_ahead(
-            target,
-            x,
-            meta.decode_block_table,
-            meta.decode_seq_lens,
-            meta.max_decode_seq_len,
-            meta.decode_tokens,
-            extra_slots=meta.num_prefill_blocks,
-            total_blocks=meta.decode_blocks,
-        )
+        if isinstance(meta, InfiniGenCPUMetadata):
+            prepare_decode_step(runtime, target, meta, args[0])
 
     return hook
 
@@ -263,8 +249,9 @@ def install_runtime(
     Classifies the attention layers, calibrates the sparse ones and takes
     this tensor-parallel rank's share, builds the runtime with
     ``make_runtime(options, layers, speculators)``, attaches each sparse
-    layer's state to its attention module and installs ``make_hook(runtime,
-    layer L)`` as the forward pre-hook of layer ``L-1``'s ``qkv_proj``.
+    layer's state to its attention module and, when the model runs eagerly,
+    installs ``make_hook(runtime, layer L)`` as the forward pre-hook of layer
+    ``L-1``'s ``qkv_proj``.
     """
     from vllm_infinigen.engine.calibration import calibrate_model
 
@@ -290,11 +277,29 @@ def install_runtime(
     speculators = _rank_speculators(speculators, attention_layers, infos)
     runtime = make_runtime(config, infos, speculators)
     modules = dict(model.named_modules())
+    # A compiled model runs no Python between its graph's ops: the ahead
+    # step then runs inside each layer's attention (the backend's forward).
+    runtime.hooked = _runs_eagerly(vllm_config)
+    logger.info(
+        "INFINIGEN ahead step runs %s",
+        "from pre-hooks on the previous layers' qkv_proj (eager model)"
+        if runtime.hooked
+        else "inside each sparse layer's attention (compiled model)",
+    )
     for index, state in runtime.sparse.items():
         setattr(attention_layers[state.info.name], LAYER_ATTR, state)
-        qkv = modules[_previous_qkv_name(state.info.name, index)]
-        qkv.register_forward_pre_hook(make_hook(runtime, state))
+        if runtime.hooked:
+            qkv = modules[_previous_qkv_name(state.info.name, index)]
+            qkv.register_forward_pre_hook(make_hook(runtime, state))
     return runtime
+
+
+def _runs_eagerly(vllm_config: VllmConfig) -> bool:
+    from vllm.config import CompilationMode
+
+    return bool(
+        vllm_config.compilation_config.mode == CompilationMode.NONE
+    )
 
 
 def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:

@@ -30,7 +30,7 @@ def announce(vllm_config: VllmConfig, config: InfiniGenConfig, mode: str) -> Non
     model_config = vllm_config.model_config
     logger.info(
         "INFINIGEN attention backend active: mode=%s enforce_eager=%s "
-        "(forced by the plugin) block_size=%s %s",
+        "block_size=%s %s",
         mode,
         getattr(model_config, "enforce_eager", None),
         vllm_config.cache_config.block_size,

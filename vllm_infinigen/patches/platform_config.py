@@ -6,10 +6,15 @@ Touches: ``check_and_update_config`` of the current platform class
 wrapper runs the original first; then, when ``--attention-backend infinigen``
 is selected, it validates ``--additional-config '{"infinigen": {...}}'``
 (a ``ValueError`` naming the option stops start-up in the API server, before
-any engine process starts) and turns compilation and CUDA graphs off, like
-``--enforce-eager``: the backend's per-layer speculation hooks run Python
-between layers, which a traced graph would bake in. On CPU it also sizes the
-host tier (vLLM's KV cache) from ``host_pool_gib`` and, unless the user set
+any engine process starts). Where selection needs the previous layer's
+input (CUDA; on CPU a staging ``swap_mode`` or ``query_source:
+speculated`` at start-up) it turns compilation and CUDA graphs off, like
+``--enforce-eager``: that speculation runs from a forward pre-hook between
+layers, which a traced graph would bake in. On CPU with the kernel reading
+in place (the default) it keeps vLLM's compilation: everything INFINIGEN
+does then runs inside vLLM's attention and KV-update ops, which the graph
+calls as opaque ops (:func:`needs_eager`). On CPU it also sizes the host
+tier (vLLM's KV cache) from ``host_pool_gib`` and, unless the user set
 ``--block-size``, uses 32-token blocks (:data:`DEFAULT_CPU_BLOCK_SIZE`).
 """
 
@@ -35,6 +40,15 @@ def infinigen_selected(vllm_config: Any) -> bool:
     attention_config = getattr(vllm_config, "attention_config", None)
     backend = getattr(attention_config, "backend", None)
     return getattr(backend, "name", None) == "INFINIGEN"
+
+
+def needs_eager(config: InfiniGenConfig, is_cpu: bool) -> bool:
+    """Whether the start-up options need the one-layer-ahead pre-hooks, so
+    eager mode: on CUDA always; on CPU when blocks are copied to staging
+    (the copy overlaps the previous layer) or the query is speculated."""
+    if not is_cpu:
+        return True
+    return config.swap_mode != "in_place" or config.query_source == "speculated"
 
 
 def _force_eager(vllm_config: Any) -> None:
@@ -121,7 +135,8 @@ def apply() -> bool:
                 from vllm_infinigen.patches.cuda_config import check_cuda_options
 
                 config = check_cuda_options(vllm_config, config)
-            _force_eager(vllm_config)
+            if needs_eager(config, current_platform.is_cpu()):
+                _force_eager(vllm_config)
             _apply_memory_and_blocks(vllm_config, config)
             _add_worker_extension(vllm_config)
         elif (

@@ -90,6 +90,10 @@ class BlockPolicy:
     scores_either_way: ClassVar[bool] = False
     """Implements both :meth:`scores_ahead` and :meth:`scores_at_attention`
     (the ``query_source`` option chooses)."""
+    uses_layer_input: ClassVar[bool] = False
+    """:meth:`scores_ahead` reads the previous layer's attention input
+    ``x`` (else ``x`` may be ``None``: a compiled model has no pre-hook to
+    hand it over)."""
     uses_alpha: ClassVar[bool] = False
     """The ``alpha`` threshold prunes candidates; False: pure top-k."""
     reads_everything: ClassVar[bool] = False
@@ -133,13 +137,14 @@ class BlockPolicy:
     def scores_ahead(
         self,
         layer: SparseLayer,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
         selection: SelectionPolicy,
     ) -> torch.Tensor:
         """Scores from the previous layer's attention input ``x``
-        (``[num_decodes, hidden]``); ``table``: ``[num_decodes, width]``."""
+        (``[num_decodes, hidden]``; ``None`` unless :attr:`uses_layer_input`);
+        ``table``: ``[num_decodes, width]``."""
         raise NotImplementedError(f"policy {self.name!r} does not score ahead")
 
     def scores_at_attention(

@@ -94,12 +94,12 @@ class H2OPolicy(BlockPolicy):
     def scores_ahead(
         self,
         layer: SparseLayer,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
         selection: SelectionPolicy,
     ) -> torch.Tensor:
-        mass = self._layer_mass(layer, x.device)
+        mass = self._layer_mass(layer, table.device)
         return h2o_block_scores(
             mass, table, seq_lens, self.context.block_size, selection
         )

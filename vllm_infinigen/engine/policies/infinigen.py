@@ -35,6 +35,7 @@ class InfiniGenPolicy(BlockPolicy):
     name = "infinigen"
     uses_alpha = True
     scores_either_way = True
+    uses_layer_input = True
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
@@ -44,11 +45,12 @@ class InfiniGenPolicy(BlockPolicy):
     def scores_ahead(
         self,
         layer: SparseLayer,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
         selection: SelectionPolicy,
     ) -> torch.Tensor:
+        assert x is not None
         speculator = layer.speculator
         positions = (seq_lens - 1).long()
         full = speculator.speculate_full(x, positions)

@@ -21,7 +21,7 @@ class StreamingPolicy(BlockPolicy):
     def scores_ahead(
         self,
         layer: SparseLayer,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
         selection: SelectionPolicy,
