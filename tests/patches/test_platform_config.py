@@ -39,7 +39,9 @@ def test_options_that_speculate_ahead_run_eagerly(
     qwen_model_dir: Path, options: dict[str, object]
 ) -> None:
     config = _engine_config(
-        qwen_model_dir, attention_backend="infinigen", additional_config={"infinigen": options}
+        qwen_model_dir,
+        attention_backend="infinigen",
+        additional_config={"infinigen": options},
     )
     assert config.model_config.enforce_eager is True
     assert config.compilation_config.mode == 0  # CompilationMode.NONE

@@ -494,10 +494,10 @@ class InfiniGenRuntime:
         """
         config = self.config.changed(options)
         if not self.hooked:
-            policy = policy_class(config.policy)
+            cls = policy_class(config.policy)
             in_place = config.swap_mode == "in_place"
-            if policy.uses_layer_input and chooses_ahead(
-                policy, config.query_source, in_place
+            if cls.uses_layer_input and chooses_ahead(
+                cls, config.query_source, in_place
             ):
                 raise ValueError(
                     f"infinigen policy {config.policy!r} with swap_mode "

@@ -297,9 +297,7 @@ def install_runtime(
 def _runs_eagerly(vllm_config: VllmConfig) -> bool:
     from vllm.config import CompilationMode
 
-    return bool(
-        vllm_config.compilation_config.mode == CompilationMode.NONE
-    )
+    return bool(vllm_config.compilation_config.mode == CompilationMode.NONE)
 
 
 def setup_runtime(vllm_config: VllmConfig, model: torch.nn.Module) -> InfiniGenRuntime:

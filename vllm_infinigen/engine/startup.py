@@ -29,8 +29,7 @@ def announce(vllm_config: VllmConfig, config: InfiniGenConfig, mode: str) -> Non
         _announced = True
     model_config = vllm_config.model_config
     logger.info(
-        "INFINIGEN attention backend active: mode=%s enforce_eager=%s "
-        "block_size=%s %s",
+        "INFINIGEN attention backend active: mode=%s enforce_eager=%s block_size=%s %s",
         mode,
         getattr(model_config, "enforce_eager", None),
         vllm_config.cache_config.block_size,
