@@ -55,7 +55,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
