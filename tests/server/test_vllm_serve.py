@@ -98,13 +98,24 @@ def test_completion(server: Server) -> None:
     assert "return" in choice.text
 
 
+def _blocks(server: Server) -> tuple[float, float]:
+    """(blocks read, blocks available) so far, over every sparse layer."""
+    import httpx
+
+    stats = httpx.get(f"{server.root_url}/infinigen/stats", timeout=60).json()
+    total = stats["ranks"][0]["total"]
+    return float(total["blocks_selected"]), float(total["blocks_total"])
+
+
 def test_long_prompt_sparse_decode(server: Server) -> None:
     """A ~1.2K-token prompt over 32-token blocks (longer than the 8-block
-    floor, so decode runs sparse) completes with text."""
+    floor) decodes sparse in the compiled server: its decode steps read
+    about the budget's share of the blocks, and it completes with text."""
     from tests.conftest import SHARED_DATA
     from tests.engine.prompts import book_text
 
     text = book_text(SHARED_DATA, 5000, offset=1000)
+    read_before, available_before = _blocks(server)
     reply = _client(server).completions.create(
         model=SERVED_NAME,
         prompt=text + "\n\nThe name of the book's main character is",
@@ -115,6 +126,13 @@ def test_long_prompt_sparse_decode(server: Server) -> None:
     assert reply.usage.prompt_tokens > 1000
     assert reply.usage.completion_tokens == 24
     assert reply.choices[0].text.strip()
+    read_after, available_after = _blocks(server)
+    available = available_after - available_before
+    share = (read_after - read_before) / available
+    # ~38 blocks per step, 23 sparse layers, 23 decode steps; a 30% budget
+    # plus the sink and recent blocks reads well under half of them.
+    assert available > 23 * 23 * 30, available
+    assert 0.2 < share < 0.5, share
 
 
 def test_short_chat_keeps_its_context(server: Server) -> None:

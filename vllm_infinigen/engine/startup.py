@@ -3,8 +3,6 @@ process."""
 
 from __future__ import annotations
 
-import threading
-
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 
@@ -12,23 +10,17 @@ from vllm_infinigen.config import InfiniGenConfig
 
 logger = init_logger("vllm.infinigen")
 
-_lock = threading.Lock()
-_announced = False
-
 
 def announce(vllm_config: VllmConfig, config: InfiniGenConfig, mode: str) -> None:
-    """Log the effective configuration once per process.
+    """Log the effective configuration once per process (every attention
+    layer's implementation calls this: vLLM's ``info_once`` keeps the
+    first of identical lines).
 
     Args:
         mode: what the backend does at decode in this build, e.g. ``exact``.
     """
-    global _announced
-    with _lock:
-        if _announced:
-            return
-        _announced = True
     model_config = vllm_config.model_config
-    logger.info(
+    logger.info_once(
         "INFINIGEN attention backend active: mode=%s enforce_eager=%s block_size=%s %s",
         mode,
         getattr(model_config, "enforce_eager", None),
