@@ -23,9 +23,10 @@ Two placements (option ``swap_mode``):
   when every block is read.
 
 Speculation for layer ``L`` runs from a forward pre-hook on layer ``L-1``'s
-``qkv_proj`` (:meth:`InfiniGenRuntime.prepare_ahead`); a policy that needs
-the layer's own query chooses at attention
-(:meth:`InfiniGenRuntime.prepare_at_attention`).
+``qkv_proj`` in an eager model, or first thing in layer ``L``'s attention in
+a compiled one (:meth:`InfiniGenRuntime.prepare_ahead`,
+:attr:`InfiniGenRuntime.hooked`); a policy that needs the layer's own query
+chooses at attention (:meth:`InfiniGenRuntime.prepare_at_attention`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Wiring INFINIGEN into a loaded vLLM model (called after ``load_model``).
 
-Decides which attention layers are sparse, calibrates them, and installs the
-one-layer-ahead hooks: a forward pre-hook on layer ``L-1``'s ``qkv_proj``
-(its input is ``L-1``'s attention input after the input layernorm) runs
-layer ``L``'s speculation and starts its swap-in.
+Decides which attention layers are sparse, calibrates them, and, when the
+model runs eagerly, installs the one-layer-ahead hooks: a forward pre-hook
+on layer ``L-1``'s ``qkv_proj`` (its input is ``L-1``'s attention input
+after the input layernorm) runs layer ``L``'s speculation and starts its
+swap-in. A compiled model runs nothing between its graph's ops, so there
+layer ``L``'s attention runs that step first (``cpu_backend``).
 """
 
 from __future__ import annotations
