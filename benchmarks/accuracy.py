@@ -94,11 +94,11 @@ from typing import Any
 
 from workloads import cpu_model
 
+from vllm_infinigen.engine.cost_probe import CPU_BLOCK_SIZES
 from vllm_infinigen.engine.policies.registry import POLICIES as REGISTERED
 from vllm_infinigen.engine.policies.registry import policy_class
 from vllm_infinigen.method.agreement import prefix_agreement
 from vllm_infinigen.method.calibration_text import stdlib_dir
-from vllm_infinigen.patches.platform_config import DEFAULT_CPU_BLOCK_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -945,7 +945,7 @@ class Plan:
 
 
 def make_plan(requests: list[Request], configs: int, shapes: Shapes) -> Plan:
-    block = DEFAULT_CPU_BLOCK_SIZE
+    block = CPU_BLOCK_SIZES[0]  # INFINIGEN's smallest: the most recomputed
     shared = shared_prefixes(requests, block)
     prefill = sum(
         shapes.prefill_s(s, len(r.prompt))
@@ -1556,7 +1556,7 @@ def main() -> None:
     log(f"prefilled {plan.prefill_tokens} tokens in {warm_s:.0f} s")
 
     # a cached prompt recomputes its last block only
-    block = DEFAULT_CPU_BLOCK_SIZE
+    block = llm.llm_engine.vllm_config.cache_config.block_size
     expected_cached = sum((len(r.prompt) - 1) // block * block for r in requests)
     rows: list[dict[str, Any]] = []
     dense_ids: list[list[int]] | None = None
@@ -1613,6 +1613,7 @@ def main() -> None:
         "seconds": time.perf_counter() - t0,
         "prefill_seconds": warm_s,
         "min_blocks": args.min_blocks,
+        "block_size": block,
         "settings": settings,
         "plan": {**asdict(plan), "total_s": plan.total_s},
         "kv_cache_gib": int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),

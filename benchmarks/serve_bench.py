@@ -94,6 +94,9 @@ KEPT = (
     "median_e2el_ms",
 )
 BLOCK_LINE = re.compile(r"INFINIGEN attention backend active:.*?block_size=(\d+)")
+#: INFINIGEN's start-up measurements (the block size and the sparse
+#: threshold), kept with the rows of its server.
+PROBE_LINE = re.compile(r"INFINIGEN ((?:block_size=|decode costs per layer).*)")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -333,6 +336,10 @@ def run_config(
                     }
                 )
     log = log_path.read_text(errors="replace")
+    probes = sorted({m.group(1).strip() for m in PROBE_LINE.finditer(log)})
+    for row in rows:
+        if probes:
+            row["startup_probes"] = probes
     match = BLOCK_LINE.search(log)
     return rows, int(match.group(1)) if match else block_size
 

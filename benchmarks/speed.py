@@ -82,7 +82,6 @@ from workloads import (
 )
 
 from vllm_infinigen.engine.policies.registry import POLICIES
-from vllm_infinigen.patches.platform_config import DEFAULT_CPU_BLOCK_SIZE
 
 #: Every registered policy, then InfiniGen read through staging (the GPU
 #: shape: the selected blocks copied into a staging buffer before the kernel).
@@ -101,6 +100,16 @@ SHORT_CONTEXT = 128
 
 
 # --------------------------------------------------------------------- prompts
+
+
+def baseline_sizes(sizes: list[int], our_block: int) -> list[int]:
+    """vLLM's engines to start: one per distinct block size (0, vLLM's
+    default, and 128 are the same engine on CPU; -1 is INFINIGEN's)."""
+    named = {}
+    for size in sizes:
+        size = our_block if size < 0 else size
+        named.setdefault(baseline_name(size), size)
+    return list(named.values())
 
 
 def baseline_name(block_size: int) -> str:
@@ -213,7 +222,14 @@ def run_child(args: argparse.Namespace) -> None:
         ],
         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
     )
-    emit("ready", {"seconds": time.perf_counter() - start, "tracked": tracked})
+    emit(
+        "ready",
+        {
+            "seconds": time.perf_counter() - start,
+            "tracked": tracked,
+            "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        },
+    )
 
     timed = SamplingParams(
         max_tokens=args.decode_tokens, temperature=0, ignore_eos=True
@@ -453,10 +469,11 @@ def run_context(
         engine.hold(False)
 
     try:
-        ours = start("infinigen", ENGINE_CORE, args.block_size)
+        ours = start("infinigen", ENGINE_CORE, args.block_size or 0)
         ours.hold(True)
+        our_block = int(ready[0]["block_size"])
         bases = []
-        for size in args.baseline_block_sizes:
+        for size in baseline_sizes(args.baseline_block_sizes, our_block):
             bases.append(start(BASELINE, ENGINE_CORE, size))
             bases[-1].hold(True)
         say(
@@ -525,6 +542,7 @@ def run_context(
             },
             "prefill": prefill,
             "ttft_pair": [bases[0].name, ours.name],
+            "infinigen_block_size": our_block,
             "shapes": shapes,
         }
     finally:
@@ -818,7 +836,7 @@ def estimate_s(
     for longer contexts), and per round a timed and (first time) a warm-up
     decode per policy and vLLM engine, at ~0.1 s per step plus ~3 ms per
     request and 1K tokens of context."""
-    engines = len(args.baseline_block_sizes) + 1
+    engines = len(set(args.baseline_block_sizes)) + 1
     total = 0.0
     for context, batches in plan.items():
         rate = 160 * (8192 / context) ** 0.5
@@ -863,8 +881,9 @@ def main() -> None:
     parser.add_argument(
         "--block-size",
         type=int,
-        default=DEFAULT_CPU_BLOCK_SIZE,
-        help="INFINIGEN's KV block size (its CPU default: %(default)s)",
+        default=None,
+        help="INFINIGEN's KV block size (default: its own choice on this "
+        "machine, from timing vLLM's kernel at start-up)",
     )
     parser.add_argument(
         "--baseline-block-sizes",
@@ -872,8 +891,8 @@ def main() -> None:
         nargs="+",
         default=None,
         help="one vLLM engine per block size, the fastest taken as the "
-        f"baseline (0: vLLM's default, {VLLM_CPU_BLOCK_SIZE} on CPU; default: "
-        "vLLM's default and --block-size)",
+        f"baseline (0: vLLM's default, {VLLM_CPU_BLOCK_SIZE} on CPU; -1: "
+        "INFINIGEN's block size; default: 0 -1)",
     )
     parser.add_argument(
         "--kvcache-gib",
@@ -910,10 +929,7 @@ def main() -> None:
         run_child(args)
         return
     if args.baseline_block_sizes is None:
-        args.baseline_block_sizes = [0, args.block_size]
-    # One engine per distinct size (0 and 128 are the same engine on CPU).
-    sizes = {baseline_name(b): b for b in args.baseline_block_sizes}
-    args.baseline_block_sizes = list(sizes.values())
+        args.baseline_block_sizes = [0, -1]
     if args.quick:
         args.shapes, args.decode_tokens, args.repeats = ["2048x1", "2048x4"], 16, 2
     out = Path(
@@ -966,7 +982,7 @@ def main() -> None:
         )
         for shape in result["shapes"]:
             rows, model_rows = summarise(
-                shape, num_layers, args.pcie_gbps, args.block_size
+                shape, num_layers, args.pcie_gbps, result["infinigen_block_size"]
             )
             measured += rows
             modelled += model_rows

@@ -87,6 +87,10 @@ def test_one_engine_per_distinct_block_size(speed: ModuleType) -> None:
     # vLLM's default (0) is 128 on CPU: asking for both starts one engine.
     assert speed.baseline_name(0) == speed.baseline_name(128) == "vllm-128"
     assert speed.is_baseline("vllm-32") and not speed.is_baseline("dense")
+    # -1 is INFINIGEN's block size, known once its engine has started.
+    assert speed.baseline_sizes([0, -1], our_block=32) == [0, 32]
+    assert speed.baseline_sizes([0, -1], our_block=128) == [0]
+    assert speed.baseline_sizes([0, 64, -1], our_block=64) == [0, 64]
 
 
 def test_only_the_measured_policies_are_tracked(speed: ModuleType) -> None:

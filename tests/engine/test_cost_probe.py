@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from tests.engine.test_runtime import World
-from vllm_infinigen.engine.cost_probe import NEVER, StepCosts, probe_step_costs
+from vllm_infinigen.engine.cost_probe import (
+    CPU_BLOCK_SIZES,
+    NEVER,
+    StepCosts,
+    choose_block_size,
+    probe_block_size,
+    probe_step_costs,
+)
 from vllm_infinigen.method.quant4 import PACKED_DTYPE
 from vllm_infinigen.method.scoring import block_scores
 from vllm_infinigen.method.selection import SelectionPolicy
@@ -102,3 +109,22 @@ def test_measured_costs_are_exported_as_gauges() -> None:
     )
     fixed = families["vllm:infinigen_decode_cost_choose_fixed_seconds"].samples
     assert fixed[0].value == pytest.approx(0.5e-3)
+
+
+def test_block_size_is_the_smallest_near_the_fastest() -> None:
+    # 32 within 3% of the fastest: the more precise size wins.
+    assert choose_block_size({32: 1.02, 64: 1.0, 128: 1.1}, 0.03) == 32
+    # A kernel clearly faster at a larger block decides it.
+    assert choose_block_size({32: 1.25, 64: 1.11, 128: 1.0}, 0.03) == 128
+    assert choose_block_size({32: 1.2, 64: 1.0, 128: 1.01}, 0.03) == 64
+
+
+def test_block_size_probe_times_every_candidate() -> None:
+    choice = probe_block_size.__wrapped__(14, 2, 64, torch.float32, repeats=2)
+    assert set(choice.ms) == set(CPU_BLOCK_SIZES)
+    assert all(ms > 0.0 for ms in choice.ms.values())
+    assert choice.block_size == choose_block_size(choice.ms, choice.tolerance)
+    # The log line names the choice and every measurement.
+    text = choice.describe()
+    assert f"block_size={choice.block_size}" in text
+    assert all(f"{size}: " in text for size in CPU_BLOCK_SIZES)

@@ -5,7 +5,7 @@ One dense engine (vLLM's default CPU backend) and three INFINIGEN engines
 (the default options: the ``in_place`` placement, scoring with each layer's
 own query; the ``sync`` staging placement with the same query; in place
 with the query speculated one layer ahead) run the same prompts: pass keys
-hidden at several depths of ~3K tokens of filler, and ~2K-token
+hidden at several depths of ~2K tokens of filler, and ~2K-token
 code-completion prompts from the Python standard library's sources,
 chunked at 256 tokens so that decode and prefill rows share batches. Both
 placements select the same blocks and run the same kernel over them, so
@@ -41,7 +41,7 @@ CODE_MATCH_FLOOR = 0.15
 
 
 def _prompts() -> list[str]:
-    prompts = [passkey_prompt(PASSKEY, d, filler_repeats=150) for d in DEPTHS]
+    prompts = [passkey_prompt(PASSKEY, d, filler_repeats=100) for d in DEPTHS]
     prompts += [code_prompt(m, 7000) for m in CODE_MODULES]
     return prompts
 

@@ -25,7 +25,12 @@ def test_infinigen_config_effects(qwen_model_dir: Path) -> None:
     # Reading in place on CPU, vLLM's own compilation stays on.
     assert config.model_config.enforce_eager is False
     assert config.compilation_config.mode != 0  # not CompilationMode.NONE
-    assert config.cache_config.block_size == 32
+    # No --block-size: the probe's choice for this model's attention shape
+    # (cached per process, so the same call returns what the hook used).
+    from vllm_infinigen.engine.cost_probe import CPU_BLOCK_SIZES, probe_block_size
+
+    choice = probe_block_size(14, 2, 64, config.model_config.dtype)
+    assert config.cache_config.block_size == choice.block_size in CPU_BLOCK_SIZES
     assert config.cache_config.kv_cache_memory_bytes == int(1.5 * (1 << 30))
     assert config.parallel_config.worker_extension_cls.endswith(
         "InfiniGenWorkerExtension"

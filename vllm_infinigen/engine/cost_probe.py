@@ -27,6 +27,7 @@ is the decode context (tokens of the step's decode requests) above which
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -318,3 +319,131 @@ def probe_step_costs(
         read_us_per_token=max(read_slope, 0.0) * 1e3,
         budget=selection.budget_fraction,
     )
+
+
+# ------------------------------------------------------------- block size
+
+#: Block sizes INFINIGEN chooses among on CPU when the user sets no
+#: ``--block-size`` (multiples of 32: vLLM's vectorised CPU kernels; 16
+#: takes its slower ``vec16`` path). Smaller blocks select more precisely
+#: (``docs/results.md``, "Block size").
+CPU_BLOCK_SIZES = (32, 64, 128)
+
+#: A smaller block size is kept while vLLM's kernel at it is within this
+#: share of the fastest candidate's time.
+BLOCK_SIZE_TOLERANCE = 0.03
+
+#: Decode batches the block-size probe times: (context tokens, requests).
+BLOCK_PROBE_SHAPES = ((2048, 1), (8192, 4))
+
+
+@dataclass(frozen=True)
+class BlockSizeChoice:
+    """vLLM's kernel over every block, timed at each candidate block size."""
+
+    block_size: int
+    ms: dict[int, float]
+    """Per candidate, the kernel's ms summed over :data:`BLOCK_PROBE_SHAPES`
+    (one layer; best of the interleaved sweeps)."""
+    tolerance: float
+
+    def describe(self) -> str:
+        fastest = min(self.ms.values())
+        parts = ", ".join(
+            f"{size}: {ms:.2f} ms ({ms / fastest:.2f}x)" for size, ms in self.ms.items()
+        )
+        return (
+            f"block_size={self.block_size}, the smallest within "
+            f"{self.tolerance:.0%} of the fastest (vLLM's CPU kernel, one "
+            f"layer at {' + '.join(f'{c}x{b}' for c, b in BLOCK_PROBE_SHAPES)}: "
+            f"{parts})"
+        )
+
+
+def choose_block_size(ms: dict[int, float], tolerance: float) -> int:
+    """The smallest block size whose kernel time is within ``tolerance`` of
+    the fastest's."""
+    fastest = min(ms.values())
+    return min(size for size, t in ms.items() if t <= fastest * (1.0 + tolerance))
+
+
+@functools.lru_cache(maxsize=8)
+def probe_block_size(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    candidates: tuple[int, ...] = CPU_BLOCK_SIZES,
+    tolerance: float = BLOCK_SIZE_TOLERANCE,
+    copies: int = PROBE_COPIES,
+    repeats: int = 5,
+) -> BlockSizeChoice:
+    """Time vLLM's CPU kernel over every block of :data:`BLOCK_PROBE_SHAPES`
+    at each candidate block size, on one thread, and choose.
+
+    The same KV bytes serve every block size (a block is ``[kv heads,
+    block, 2 * head_dim]``, so one buffer views as blocks of any size), the
+    blocks of a request are scattered as in a long-running cache, and the
+    candidates are timed in turn within each sweep so that the machine's
+    drift falls on all of them alike; the best sweep is kept. Cached per
+    process and shape: one engine configuration probes once.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        totals = dict.fromkeys(candidates, 0.0)
+        for context, batch in BLOCK_PROBE_SHAPES:
+            tokens = -(-context // max(candidates)) * max(candidates)
+            flat = [
+                torch.randn(
+                    tokens * batch, num_kv_heads, 2 * head_dim, generator=gen
+                ).to(dtype)
+                for _ in range(copies)
+            ]
+            calls = {}
+            for size in candidates:
+                kernel = CPUKernel(
+                    num_heads, num_kv_heads, head_dim, size, dtype, batch
+                )
+                blocks = tokens // size
+                caches = [
+                    f.view(blocks * batch, num_kv_heads, size, 2 * head_dim)
+                    for f in flat
+                ]
+                order = torch.randperm(blocks * batch, generator=gen)
+                table = order.view(batch, blocks).to(torch.int32)
+                lens = torch.full((batch,), context, dtype=torch.int32)
+                meta = kernel.metadata(lens)
+                calls[size] = functools.partial(
+                    _kernel_sweep, kernel, caches, table, lens, meta
+                )
+            for call in calls.values():  # warm-up
+                call()
+            best = dict.fromkeys(candidates, math.inf)
+            for _ in range(repeats):
+                for size, call in calls.items():
+                    best[size] = min(best[size], call())
+            for size in candidates:
+                totals[size] += best[size]
+        return BlockSizeChoice(
+            block_size=choose_block_size(totals, tolerance),
+            ms=totals,
+            tolerance=tolerance,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kernel_sweep(
+    kernel: CPUKernel,
+    caches: list[torch.Tensor],
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    meta: torch.Tensor,
+) -> float:
+    """Mean ms of the kernel over each copy of the cache."""
+    start = time.perf_counter()
+    for cache in caches:
+        kernel(cache, table, lens, meta)
+    return (time.perf_counter() - start) / len(caches) * 1e3

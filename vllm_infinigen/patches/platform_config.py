@@ -15,7 +15,11 @@ in place (the default) it keeps vLLM's compilation: everything INFINIGEN
 does then runs inside vLLM's attention and KV-update ops, which the graph
 calls as opaque ops (:func:`needs_eager`). On CPU it also sizes the host
 tier (vLLM's KV cache) from ``host_pool_gib`` and, unless the user set
-``--block-size``, uses 32-token blocks (:data:`DEFAULT_CPU_BLOCK_SIZE`).
+``--block-size``, takes the block size from timing vLLM's kernel on this
+machine: the smallest of 32, 64 and 128 tokens within 3% of the fastest
+(``engine/cost_probe.probe_block_size``; smaller blocks select more
+precisely, and the kernel's speed at each size depends on the CPU and the
+model's head size).
 """
 
 from __future__ import annotations
@@ -64,20 +68,34 @@ def _force_eager(vllm_config: Any) -> None:
     compilation.cudagraph_capture_sizes = []
 
 
-#: KV block size INFINIGEN uses on CPU when the user sets none (vLLM's CPU
-#: default is 128). Selection works per block, so smaller blocks select more
-#: precisely; 32 is the smallest the CPU kernels take (multiples of 32).
-#: Source: benchmarks/results/recall.json (recall vs block size).
-DEFAULT_CPU_BLOCK_SIZE = 32
+def _measured_block_size(vllm_config: Any) -> tuple[int, str]:
+    """The CPU block size from timing vLLM's kernel on this machine at the
+    model's attention shape (``engine/cost_probe.probe_block_size``)."""
+    from vllm_infinigen.engine.cost_probe import probe_block_size
+
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    choice = probe_block_size(
+        model_config.get_num_attention_heads(parallel),
+        model_config.get_num_kv_heads(parallel),
+        model_config.get_head_size(),
+        model_config.dtype,
+    )
+    return choice.block_size, choice.describe()
 
 
-def _apply_memory_and_blocks(vllm_config: Any, config: InfiniGenConfig) -> None:
+def _apply_memory_and_blocks(
+    vllm_config: Any, config: InfiniGenConfig, logger: Any
+) -> None:
     from vllm.platforms import current_platform
 
     cache_config = vllm_config.cache_config
     if current_platform.is_cpu():
-        if not cache_config.user_specified_block_size:
-            cache_config.block_size = DEFAULT_CPU_BLOCK_SIZE
+        if not cache_config.user_specified_block_size and (
+            vllm_config.model_config is not None
+        ):
+            cache_config.block_size, reason = _measured_block_size(vllm_config)
+            logger.info_once("INFINIGEN %s", reason)
         if config.host_pool_gib is not None:
             # On CPU the host tier is vLLM's own paged cache: size it.
             cache_config.kv_cache_memory_bytes = int(config.host_pool_gib * (1 << 30))
@@ -137,7 +155,7 @@ def apply() -> bool:
                 config = check_cuda_options(vllm_config, config)
             if needs_eager(config, current_platform.is_cpu()):
                 _force_eager(vllm_config)
-            _apply_memory_and_blocks(vllm_config, config)
+            _apply_memory_and_blocks(vllm_config, config, logger)
             _add_worker_extension(vllm_config)
         elif (
             isinstance(vllm_config.additional_config, dict)
