@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from workloads import cpu_model
 
 from vllm_infinigen.engine.copier import BlockCopier
 from vllm_infinigen.engine.cost_probe import CPUKernel
@@ -289,7 +289,7 @@ def main() -> None:
                     for k, v in vars(args).items()
                     if k != "out"
                 ),
-                "machine": f"{platform.machine()} {args.threads} thread(s)",
+                "machine": f"{cpu_model()}, {args.threads} thread(s)",
                 "torch": torch.__version__,
                 "rows": rows,
                 "model": model,

@@ -128,3 +128,28 @@ def test_block_size_probe_times_every_candidate() -> None:
     text = choice.describe()
     assert f"block_size={choice.block_size}" in text
     assert all(f"{size}: " in text for size in CPU_BLOCK_SIZES)
+
+
+def test_sparse_pays_counts_what_the_selection_still_reads() -> None:
+    # Reading a token costs what the dense kernel pays for it; choosing
+    # costs 1 us a step: sparse pays while it reads under 0.9 of the context.
+    costs = StepCosts(0.2, 0.001, 0.0, 0.04, 0.2, 0.1)
+    assert costs.pays(1000, 300, 0.3)
+    assert not costs.pays(1000, 900, 0.3)
+    assert not costs.pays(1000, 300, 1.0)  # the budget reads everything
+
+
+@pytest.mark.parametrize(("min_blocks", "sparse"), [(2, True), (20, False)])
+def test_requests_near_their_block_floor_keep_the_step_dense(
+    min_blocks: int, sparse: bool
+) -> None:
+    # 161 tokens in 4-token blocks (16 and 25 blocks), budget 0.3: far past
+    # the measured threshold (9 tokens). With a floor of 2 blocks the
+    # selection reads 52 tokens; with a floor of 20 it would read 141 of
+    # 161, which costs more than the dense kernel saves.
+    world = World([61, 100], budget=0.3, min_blocks=min_blocks)
+    world.context.sparse_min_tokens = 0
+    world.context.step_costs = StepCosts(0.2, 0.001, 0.0, 0.04, 0.2, 0.1)
+    assert world.runtime.sparse_min_tokens == 9
+    world.prepare(1)
+    assert (world.layer(1).pending is not None) is sparse

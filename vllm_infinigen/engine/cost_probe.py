@@ -18,11 +18,17 @@ cache's type and width) and with the engine's own parts:
 
 each at a few context lengths of a batch of requests, cycling through a few
 copies of the tensors so that a layer's data is not left in the CPU cache
-by the previous call (a decode step walks every layer). Fitted per layer:
+by the previous call (a decode step walks every layer), the three timed in
+turn within each sweep and the best sweep kept (the machine's drift falls
+on all three alike; the best sweep is the least disturbed by the rest of
+the host). Fitted per layer:
 ``dense ~ d * tokens``, ``choose ~ a + c * tokens``, ``read ~ r * tokens``
 (at the probe's budget; other budgets scale it). :meth:`StepCosts.threshold`
 is the decode context (tokens of the step's decode requests) above which
 ``choose + read`` stays below ``(1 - margin) * dense``.
+
+:func:`probe_block_size` times the same kernel at each candidate block size
+and gives the CPU block size INFINIGEN uses when the user sets none.
 """
 
 from __future__ import annotations
@@ -85,13 +91,29 @@ class StepCosts:
         """Decode context (all decode requests' tokens) from which reading
         ``budget`` of the blocks is predicted to pay; :data:`NEVER` where
         it never does."""
-        read = self.read_us_per_token * min(1.0, budget / self.budget)
+        read = self.read_us_per_token * budget / self.budget
         saved = self.dense_us_per_token * (1.0 - self.margin) - (
             self.choose_us_per_token + read
         )
         if budget >= 1.0 or saved <= 0.0:
             return NEVER
         return math.ceil(self.choose_fixed_ms * 1e3 / saved)
+
+    def pays(self, total_tokens: int, read_tokens: int, budget: float) -> bool:
+        """Whether a sparse step over ``total_tokens`` of context that reads
+        ``read_tokens`` of them (the budget's blocks and every request's
+        floor) is predicted to cost less than ``(1 - margin)`` of the dense
+        step. At ``read_tokens = budget * total_tokens`` this holds exactly
+        from :meth:`threshold` on."""
+        if budget >= 1.0:
+            return False
+        read_rate = self.read_us_per_token / self.budget  # per token read
+        sparse = (
+            self.choose_fixed_ms * 1e3
+            + self.choose_us_per_token * total_tokens
+            + read_rate * read_tokens
+        )
+        return sparse < (1.0 - self.margin) * self.dense_us_per_token * total_tokens
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -165,17 +187,24 @@ class CPUKernel:
         )
 
 
-def _time_ms(fn: Callable[[int], Any], copies: int, repeats: int) -> float:
-    """Median over ``repeats`` sweeps of the mean ms of ``fn(copy)``."""
-    for copy in range(copies):  # warm-up
-        fn(copy)
-    sweeps = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _time_interleaved(
+    fns: list[Callable[[int], Any]], copies: int, repeats: int
+) -> list[float]:
+    """Per function, the best over ``repeats`` sweeps of the mean ms of
+    ``fn(copy)``: every sweep runs each function over every copy in turn, so
+    that the machine's drift falls on all of them alike, and the best sweep
+    is the one the least disturbed by the rest of the host."""
+    for fn in fns:  # warm-up
         for copy in range(copies):
             fn(copy)
-        sweeps.append((time.perf_counter() - start) / copies * 1e3)
-    return sorted(sweeps)[len(sweeps) // 2]
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for copy in range(copies):
+                fn(copy)
+            best[i] = min(best[i], (time.perf_counter() - start) / copies * 1e3)
+    return best
 
 
 def _fit(tokens: list[float], times: list[float]) -> tuple[float, float]:
@@ -248,12 +277,12 @@ def _measure(
 
     dense_meta = kernel.metadata(seq_lens)
     sparse_table, sparse_lens, sparse_meta = choose(0)
-    dense = _time_ms(
-        lambda c: kernel(host[c], table, seq_lens, dense_meta), copies, repeats
-    )
-    chosen = _time_ms(choose, copies, repeats)
-    read = _time_ms(
-        lambda c: kernel(host[c], sparse_table, sparse_lens, sparse_meta),
+    dense, chosen, read = _time_interleaved(
+        [
+            lambda c: kernel(host[c], table, seq_lens, dense_meta),
+            choose,
+            lambda c: kernel(host[c], sparse_table, sparse_lens, sparse_meta),
+        ],
         copies,
         repeats,
     )
@@ -401,7 +430,7 @@ def probe_block_size(
                 ).to(dtype)
                 for _ in range(copies)
             ]
-            calls = {}
+            calls = []
             for size in candidates:
                 kernel = CPUKernel(
                     num_heads, num_kv_heads, head_dim, size, dtype, batch
@@ -414,18 +443,19 @@ def probe_block_size(
                 order = torch.randperm(blocks * batch, generator=gen)
                 table = order.view(batch, blocks).to(torch.int32)
                 lens = torch.full((batch,), context, dtype=torch.int32)
-                meta = kernel.metadata(lens)
-                calls[size] = functools.partial(
-                    _kernel_sweep, kernel, caches, table, lens, meta
+                calls.append(
+                    functools.partial(
+                        _kernel_on_copy,
+                        kernel,
+                        caches,
+                        table,
+                        lens,
+                        kernel.metadata(lens),
+                    )
                 )
-            for call in calls.values():  # warm-up
-                call()
-            best = dict.fromkeys(candidates, math.inf)
-            for _ in range(repeats):
-                for size, call in calls.items():
-                    best[size] = min(best[size], call())
-            for size in candidates:
-                totals[size] += best[size]
+            times = _time_interleaved(calls, copies, repeats)
+            for size, ms in zip(candidates, times, strict=True):
+                totals[size] += ms
         return BlockSizeChoice(
             block_size=choose_block_size(totals, tolerance),
             ms=totals,
@@ -435,15 +465,12 @@ def probe_block_size(
         torch.set_num_threads(threads)
 
 
-def _kernel_sweep(
+def _kernel_on_copy(
     kernel: CPUKernel,
     caches: list[torch.Tensor],
     table: torch.Tensor,
     lens: torch.Tensor,
     meta: torch.Tensor,
-) -> float:
-    """Mean ms of the kernel over each copy of the cache."""
-    start = time.perf_counter()
-    for cache in caches:
-        kernel(cache, table, lens, meta)
-    return (time.perf_counter() - start) / len(caches) * 1e3
+    copy: int,
+) -> None:
+    kernel(caches[copy], table, lens, meta)

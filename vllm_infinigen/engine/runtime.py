@@ -56,6 +56,7 @@ from vllm_infinigen.method.selection import (
     HeadReduction,
     SelectionPolicy,
     blocks_for,
+    budget_blocks,
     num_blocks_of,
     select_blocks,
     selection_from_mask,
@@ -285,16 +286,23 @@ class InfiniGenRuntime:
             return costs.threshold(self.config.budget)
         return self.context.sparse_min_tokens
 
-    def reads_everything(self, max_seq_len: int, total_tokens: int) -> bool:
+    def reads_everything(
+        self,
+        max_seq_len: int,
+        total_tokens: int,
+        seq_lens: torch.Tensor | None = None,
+    ) -> bool:
         """Whether the step reads every block of every decode request: the
         policy reads everything, the budget covers every block, the step is
         too short for selection to pay (``total_tokens``: the decode
-        requests' context tokens), or no request is longer than its forced
-        blocks (``max_seq_len``: the longest)."""
+        requests' context tokens; ``seq_lens``, where given, lets the
+        measured costs count what each request would still read, its block
+        floor included), or no request is longer than its forced blocks
+        (``max_seq_len``: the longest)."""
         if (
             self.config.is_exact
             or self.policy.reads_everything
-            or total_tokens < self.sparse_min_tokens
+            or not self._sparse_pays(total_tokens, seq_lens)
         ):
             return True
         width = blocks_for(max_seq_len, self.block_size)
@@ -302,6 +310,27 @@ class InfiniGenRuntime:
         return width <= max(
             policy.sink_blocks + policy.recent_blocks, policy.effective_min_blocks
         )
+
+    def _sparse_pays(self, total_tokens: int, seq_lens: torch.Tensor | None) -> bool:
+        """An explicit ``sparse_min_tokens`` decides alone. Left unset, the
+        costs measured at start-up decide: the step's context must reach
+        their threshold (where reading the budget's share pays), and then,
+        with the requests' lengths known, the tokens the selection would
+        still read (each request's budget in blocks, never under its floor
+        of ``min_blocks``, sink and newest blocks) must make the sparse step
+        cheaper than the dense one."""
+        if self.config.sparse_min_tokens is not None:
+            return total_tokens >= self.config.sparse_min_tokens
+        costs = self.context.step_costs
+        if total_tokens < self.sparse_min_tokens:
+            return False
+        if costs is None or seq_lens is None:
+            return True
+        blocks = num_blocks_of(seq_lens, self.block_size)
+        read = torch.minimum(
+            budget_blocks(blocks, self.selection) * self.block_size, seq_lens
+        )
+        return costs.pays(total_tokens, int(read.sum()), self.config.budget)
 
     def prepare_ahead(
         self,
@@ -334,7 +363,7 @@ class InfiniGenRuntime:
             return
         if layer.pending is not None:  # an aborted step left it
             self._drop(layer)
-        whole = self.reads_everything(max_seq_len, total_tokens)
+        whole = self.reads_everything(max_seq_len, total_tokens, seq_lens)
         if layer is self._first:
             self._begin_step(int(seq_lens.shape[0]), whole)
         if self.in_place and whole:
@@ -389,7 +418,7 @@ class InfiniGenRuntime:
         if (
             self.ahead
             or layer.partial_cache is None
-            or self.reads_everything(max_seq_len, total_tokens)
+            or self.reads_everything(max_seq_len, total_tokens, seq_lens)
         ):
             return None
         start = time.perf_counter()
