@@ -430,7 +430,7 @@ def probe_block_size(
                 ).to(dtype)
                 for _ in range(copies)
             ]
-            calls = []
+            calls: list[Callable[[int], Any]] = []
             for size in candidates:
                 kernel = CPUKernel(
                     num_heads, num_kv_heads, head_dim, size, dtype, batch
