@@ -59,6 +59,21 @@ def test_user_enforce_eager_kept(qwen_model_dir: Path) -> None:
     assert config.compilation_config.mode == 0
 
 
+def test_measured_block_size_survives_the_engine_cores_second_hook(
+    qwen_model_dir: Path,
+) -> None:
+    from vllm_infinigen.engine.cost_probe import CPU_BLOCK_SIZES
+
+    config = _engine_config(qwen_model_dir, attention_backend="infinigen")
+    chosen = config.cache_config.block_size
+    # The front-end's choice differs from what a probe in the engine core's
+    # process would give: the engine core must keep the front-end's.
+    front_end = next(size for size in CPU_BLOCK_SIZES if size != chosen)
+    config.cache_config.block_size = front_end
+    config.__post_init__()  # as vLLM's engine core does after its handshake
+    assert config.cache_config.block_size == front_end
+
+
 def test_user_block_size_kept(qwen_model_dir: Path) -> None:
     config = _engine_config(
         qwen_model_dir, attention_backend="infinigen", block_size=64

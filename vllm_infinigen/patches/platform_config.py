@@ -95,6 +95,11 @@ def _apply_memory_and_blocks(
             vllm_config.model_config is not None
         ):
             cache_config.block_size, reason = _measured_block_size(vllm_config)
+            # Fixed from here on: vLLM's engine core runs this hook again on
+            # the configuration the front-end sends it (``__post_init__``
+            # after its handshake), and a second probe could choose another
+            # size than the one the front-end logged.
+            cache_config.user_specified_block_size = True
             logger.info_once("INFINIGEN %s", reason)
         if config.host_pool_gib is not None:
             # On CPU the host tier is vLLM's own paged cache: size it.
