@@ -1308,6 +1308,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------- main
 
 
+def parse_engine_options(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:
+    """``--engine-options``: a JSON object of INFINIGEN start-up options, the
+    policy left to the run (an error through ``parser`` otherwise)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"--engine-options: {error}")
+    if not isinstance(options, dict) or "policy" in options:
+        parser.error("--engine-options: a JSON object of options but policy")
+    return options
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Arguments with the ``--quick`` or full defaults filled in."""
     parser = argparse.ArgumentParser(
@@ -1411,12 +1423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown tasks {sorted(set(args.tasks) - set(TASKS))}")
     if args.instances < 1 or args.questions < 1:
         parser.error("--instances and --questions must be >= 1")
-    try:
-        args.engine_options = json.loads(args.engine_options)
-    except json.JSONDecodeError as error:
-        parser.error(f"--engine-options: {error}")
-    if not isinstance(args.engine_options, dict) or "policy" in args.engine_options:
-        parser.error("--engine-options: a JSON object of options but policy")
+    args.engine_options = parse_engine_options(parser, args.engine_options)
     args.variant_options = {}
     for text in args.variants:
         name, _, options = text.partition("=")

@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from accuracy import POLICIES as SPARSE_POLICIES
+from accuracy import Shapes, parse_engine_options
 from ruler_tasks import TASKS, Sample, build_samples, task_score
 from workloads import commit, cpu_model
 
@@ -217,12 +219,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [b for b in args.budgets if not 0.0 < b <= 1.0]
     if bad:
         parser.error(f"--budgets must be in (0, 1]: {bad}")
-    try:
-        args.engine_options = json.loads(args.engine_options)
-    except json.JSONDecodeError as error:
-        parser.error(f"--engine-options: {error}")
-    if not isinstance(args.engine_options, dict) or "policy" in args.engine_options:
-        parser.error("--engine-options: a JSON object of options but policy")
+    unknown = set(args.policies) - set(SPARSE_POLICIES)
+    if unknown:
+        parser.error(
+            f"--policies: unknown {sorted(unknown)}; known: {list(SPARSE_POLICIES)}"
+        )
+    args.engine_options = parse_engine_options(parser, args.engine_options)
     return args
 
 
@@ -245,8 +247,6 @@ def main(argv: list[str] | None = None) -> None:
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {message}", flush=True)
-
-    from accuracy import Shapes
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     shapes = Shapes.of(folder, args.dtype)

@@ -107,6 +107,11 @@ def baseline_sizes(sizes: list[int], our_block: int) -> list[int]:
     default, and 128 are the same engine on CPU; -1 is INFINIGEN's)."""
     named = {}
     for size in sizes:
+        if size < -1:
+            raise ValueError(
+                f"--baseline-block-sizes: {size}; a block size, 0 (vLLM's "
+                "default) or -1 (INFINIGEN's)"
+            )
         size = our_block if size < 0 else size
         named.setdefault(baseline_name(size), size)
     return list(named.values())
@@ -930,6 +935,10 @@ def main() -> None:
         return
     if args.baseline_block_sizes is None:
         args.baseline_block_sizes = [0, -1]
+    try:
+        baseline_sizes(args.baseline_block_sizes, our_block=1)
+    except ValueError as error:
+        parser.error(str(error))
     if args.quick:
         args.shapes, args.decode_tokens, args.repeats = ["2048x1", "2048x4"], 16, 2
     out = Path(

@@ -17,6 +17,7 @@ from tests.conftest import load_benchmark
 def ruler() -> ModuleType:
     sys.modules.setdefault("workloads", load_benchmark("workloads.py"))
     sys.modules.setdefault("ruler_tasks", load_benchmark("ruler_tasks.py"))
+    sys.modules.setdefault("accuracy", load_benchmark("accuracy.py"))
     return load_benchmark("ruler.py")
 
 
@@ -88,6 +89,7 @@ def test_scores_are_rulers_task_means_and_their_mean(ruler: ModuleType) -> None:
         (["--tasks", "qa_1"], "--tasks: unknown"),
         (["--budgets", "0"], "--budgets must be in (0, 1]"),
         (["--samples", "0"], "--samples must be >= 1"),
+        (["--policies", "lru"], "--policies: unknown ['lru']"),
         (["--engine-options", '{"policy": "quest"}'], "--engine-options"),
     ],
 )

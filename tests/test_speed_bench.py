@@ -91,6 +91,8 @@ def test_one_engine_per_distinct_block_size(speed: ModuleType) -> None:
     assert speed.baseline_sizes([0, -1], our_block=32) == [0, 32]
     assert speed.baseline_sizes([0, -1], our_block=128) == [0]
     assert speed.baseline_sizes([0, 64, -1], our_block=64) == [0, 64]
+    with pytest.raises(ValueError, match="--baseline-block-sizes: -2"):
+        speed.baseline_sizes([0, -2], our_block=32)
 
 
 def test_only_the_measured_policies_are_tracked(speed: ModuleType) -> None:
